@@ -1,0 +1,39 @@
+# ConKD: every target sets up its own virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.conkd-installed
+RUN := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+
+.PHONY: install demo test test-all lint ui clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+## demo: train a ResNet-101 teacher, distil a ResNet-18 student (digits, CPU, a few minutes)
+demo: $(STAMP)
+	$(PY) train.py experiment=demo_teacher hydra.run.dir=$(RUN)/teacher
+	$(PY) train.py experiment=demo_student hydra.run.dir=$(RUN)/student \
+		teacher_ckpt=$(RUN)/teacher/checkpoints/best.pt
+	@$(PY) -m conkd.summary $(RUN)/teacher $(RUN)/student
+
+## test: the default (fast) suite
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## test-all: including tests marked slow
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(PY) -m ruff check conkd tests train.py eval.py hydra_plugins benchmarks
+	$(PY) -m ruff format --check conkd tests train.py eval.py hydra_plugins benchmarks
+
+## ui: the MLflow UI on the project's store, http://127.0.0.1:5000
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000

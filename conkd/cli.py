@@ -1,0 +1,45 @@
+"""Entry-point plumbing shared by train.py and eval.py: logging and user-facing errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from conkd.errors import ConKDError
+
+log = logging.getLogger("conkd")
+
+
+def run_app(fn: Callable[[DictConfig, Any], Any], cfg: DictConfig) -> Any:
+    """Call ``fn(cfg, hydra_cfg)``; a :class:`ConKDError` becomes one ``error:`` line and exit 1.
+
+    In a multirun the error is re-raised instead, so the sweeper records the trial as failed and
+    goes on. ``HYDRA_FULL_ERROR=1`` shows the traceback.
+    """
+    hydra_cfg = None
+    multirun = False
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        hydra_cfg = {
+            "overrides": list(hc.overrides.task),
+            "output_dir": hc.runtime.output_dir,
+            "job_num": hc.job.get("num"),
+            "sweep_dir": hc.sweep.dir if multirun else None,
+            "choices": OmegaConf.to_container(hc.runtime.choices),
+        }
+    try:
+        return fn(cfg, hydra_cfg)
+    except ConKDError as err:
+        if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

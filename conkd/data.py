@@ -1,0 +1,373 @@
+"""Datasets, splits, augmentation and loaders.
+
+A *source* knows where images come from (a class-folder tree, torchvision's Imagenette, the
+digits that ship with scikit-learn) and exposes an untransformed ``train`` and ``test`` split.
+:class:`DataModule` turns a source into seeded train / validation / test loaders.
+
+Augmentation is a pure function of ``(seed, epoch, index)``: the sampler yields ``(epoch, index)``
+pairs and each sample seeds its own RNG from them. The same image therefore gets the same crop in
+any worker, on any rank and after a resume, which is what caching teacher outputs per augmented
+view (FKD-style) needs.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from conkd.errors import ConKDError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB (Imagenette has grayscale images), naming the file on failure."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, UnidentifiedImageError) as err:
+        raise ConKDError(f"cannot read image {path}: {err}. Remove or replace the file.") from err
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Fail before training on files that are not images (reads headers only, ~50 us each)."""
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as err:
+            raise ConKDError(
+                f"cannot read image {path}: {err}. Remove or replace the file."
+            ) from err
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """An untransformed split: ``items[i]`` is loaded by ``load`` into a PIL image."""
+
+    items: list[Any]
+    targets: list[int]
+    load: Any
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class Source:
+    """Base class: ``train`` and ``test`` splits plus class names."""
+
+    name: str = "source"
+    classes: list[str]
+    train: Split
+    test: Split
+    #: True when the test split is an official held-out set rather than a split we drew.
+    official_test: bool = True
+
+
+def _image_folder_split(path: Path, verify: bool) -> tuple[list[str], Split]:
+    if not path.is_dir():
+        raise ConKDError(f"dataset folder {path} does not exist")
+    folder = datasets.ImageFolder(str(path), loader=load_rgb, is_valid_file=None)
+    if verify:
+        check_images([p for p, _ in folder.samples])
+    return folder.classes, Split([p for p, _ in folder.samples], folder.targets, load_rgb)
+
+
+class ImageFolderSource(Source):
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (official val = test set)."""
+
+    name = "imagefolder"
+
+    def __init__(
+        self, root: str, train_dir: str = "train", test_dir: str = "val", verify: bool = True
+    ) -> None:
+        base = Path(root).expanduser()
+        if not base.is_dir():
+            raise ConKDError(
+                f"dataset root {base} does not exist; set dataset.root to a folder "
+                f"with {train_dir}/<class>/ and {test_dir}/<class>/ image folders"
+            )
+        try:
+            self.classes, self.train = _image_folder_split(base / train_dir, verify)
+            test_classes, self.test = _image_folder_split(base / test_dir, verify)
+        except FileNotFoundError as err:  # ImageFolder: no class folders / no images
+            raise ConKDError(
+                f"dataset root {base} is empty or incomplete ({err}); it needs "
+                f"{train_dir}/<class>/*.jpg and {test_dir}/<class>/*.jpg"
+            ) from err
+        if test_classes != self.classes:
+            raise ConKDError(
+                f"{base}/{train_dir} and {base}/{test_dir} have different class folders"
+            )
+
+
+class ImagenetteSource(Source):
+    """torchvision's Imagenette (fastai), official split; downloaded on first use."""
+
+    name = "imagenette"
+
+    def __init__(
+        self, root: str, size: str = "160px", download: bool = True, verify: bool = False
+    ) -> None:
+        if size not in ("160px", "320px", "full"):
+            raise ConKDError(f"dataset.source.size must be 160px, 320px or full, got {size!r}")
+        root_path = Path(root).expanduser()
+        try:
+            root_path.mkdir(parents=True, exist_ok=True)
+            train = datasets.Imagenette(str(root_path), "train", size, download, loader=load_rgb)
+            test = datasets.Imagenette(str(root_path), "val", size, download, loader=load_rgb)
+        except (urllib.error.URLError, OSError, RuntimeError) as err:
+            url = datasets.Imagenette._ARCHIVES[size][0]
+            raise ConKDError(
+                f"Imagenette ({size}) is not in {root_path} and could not be downloaded "
+                f"({err.__class__.__name__}: {err}). Download {url} yourself and extract it "
+                f"into {root_path}, or point dataset=imagefolder dataset.root at an "
+                "existing train/ + val/ copy"
+            ) from err
+        self.classes = [names[0] for names in (train._WNID_TO_CLASS[w] for w in train.wnids)]
+        samples = [train._samples, test._samples]
+        if verify:
+            check_images([p for s in samples for p, _ in s])
+        self.train = Split([p for p, _ in samples[0]], [t for _, t in samples[0]], load_rgb)
+        self.test = Split([p for p, _ in samples[1]], [t for _, t in samples[1]], load_rgb)
+
+
+def _digit_image(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(pixels).convert("RGB")
+
+
+class DigitsSource(Source):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, ships with the package).
+
+    A real dataset that needs no download, for the demo and tests. It has no official split, so
+    the test set is a fixed stratified ``test_fraction`` of it (independent of the run seed).
+    """
+
+    name = "digits"
+    official_test = False
+
+    def __init__(self, test_fraction: float = 0.2, split_seed: int = 0) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+        idx = np.arange(len(images))
+        train_idx, test_idx = train_test_split(
+            idx, test_size=test_fraction, random_state=split_seed, stratify=digits.target
+        )
+        self.classes = [str(c) for c in digits.target_names]
+        self.train = Split([images[i] for i in train_idx], digits.target[train_idx].tolist(), _digit_image)
+        self.test = Split([images[i] for i in test_idx], digits.target[test_idx].tolist(), _digit_image)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------
+
+
+def build_transforms(
+    image_size: int,
+    train: bool,
+    crop: str = "resized",
+    scale_min: float = 0.35,
+    padding: int = 4,
+    flip: bool = True,
+    randaugment_ops: int = 0,
+    randaugment_magnitude: int = 9,
+    color_jitter: float = 0.0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Train or eval transform. ``crop``: ``resized`` (RandomResizedCrop), ``pad`` (resize then
+    RandomCrop with padding, CIFAR-style) or ``none``."""
+    ops: list[Any] = [v2.ToImage()]
+    if not train or crop == "none":
+        ops.append(v2.Resize((image_size, image_size), antialias=True))
+    elif crop == "resized":
+        ops.append(v2.RandomResizedCrop(image_size, scale=(scale_min, 1.0), antialias=True))
+    elif crop == "pad":
+        ops += [v2.Resize((image_size, image_size), antialias=True),
+                v2.RandomCrop(image_size, padding=padding)]
+    else:
+        raise ConKDError(f"dataset.augment.crop must be resized, pad or none, got {crop!r}")
+    if train:
+        if flip:
+            ops.append(v2.RandomHorizontalFlip())
+        if randaugment_ops:
+            ops.append(v2.RandAugment(randaugment_ops, randaugment_magnitude))
+        if color_jitter:
+            ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the augmentation of sample ``index`` in ``epoch``: a function of these alone."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class AugmentedDataset(Dataset):
+    """Applies ``transform`` to ``split[indices[i]]`` with an RNG seeded by (seed, epoch, i).
+
+    Indexed by ``(epoch, i)`` pairs (see :class:`EpochSampler`); returns ``(image, label, i)`` so
+    later stages can attach per-sample data such as cached teacher outputs.
+    """
+
+    def __init__(self, split: Split, indices: Sequence[int], transform: Any, seed: int) -> None:
+        self.split = split
+        self.indices = list(indices)
+        self.transform = transform
+        self.seed = seed
+        self.targets = [split.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        epoch, i = key
+        j = self.indices[i]
+        image = self.split.load(self.split.items[j])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            x = self.transform(image)
+        return x, self.split.targets[j], i
+
+
+_ORDER_STREAM = 2**32 - 1  # an "index" no sample has: the stream of the shuffling order
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)``; the order is a permutation seeded by (seed, epoch) alone."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, _ORDER_STREAM))
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = range(self.size)
+        return ((self.epoch, i) for i in order)
+
+
+def _split(targets: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split where every class can be represented, else a plain random one."""
+    idx = np.arange(len(targets))
+    try:
+        return train_test_split(idx, test_size=fraction, random_state=seed, stratify=targets)
+    except ValueError:  # tiny data: fewer held-out samples than classes
+        return train_test_split(idx, test_size=fraction, random_state=seed)
+
+
+class DataModule:
+    """Seeded train / validation / test loaders over a :class:`Source`.
+
+    The validation split (for model selection) is a stratified ``val_fraction`` of the source's
+    train split drawn with ``split_seed``; the source's test split is only used for the final
+    evaluation of the best checkpoint.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        name: str | None = None,
+        root: str | None = None,
+        image_size: int = 224,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        seed: int = 0,
+        augment: dict[str, Any] | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        if image_size < 8:
+            raise ConKDError(f"dataset.image_size must be >= 8, got {image_size}")
+        if batch_size < 2:
+            raise ConKDError(f"dataset.batch_size must be >= 2, got {batch_size}")
+        if not 0 < val_fraction < 1:
+            raise ConKDError(f"dataset.val_fraction must be in (0, 1), got {val_fraction}")
+        self.source = source
+        self.name = name or source.name
+        self.root = root  # informational: the source was built from it
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        augment = dict(augment or {})
+        self.classes = list(source.classes)
+        train_tf = build_transforms(image_size, train=True, **augment)
+        eval_tf = build_transforms(image_size, train=False, **augment)
+
+        train_idx, val_idx = _split(source.train.targets, val_fraction, split_seed)
+        self.train = AugmentedDataset(source.train, sorted(train_idx), train_tf, seed)
+        self.val = AugmentedDataset(source.train, sorted(val_idx), eval_tf, seed)
+        self.test = AugmentedDataset(source.test, range(len(source.test)), eval_tf, seed)
+        if len(self.train) < batch_size:
+            raise ConKDError(
+                f"only {len(self.train)} training images for batch_size={batch_size}; "
+                "lower dataset.batch_size"
+            )
+        self._train_sampler = EpochSampler(len(self.train), seed, shuffle=True)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool):
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        """Loader for one training epoch; drops the last incomplete batch (BatchNorm, SupCon)."""
+        self._train_sampler.set_epoch(epoch)
+        return self._loader(self.train, self._train_sampler, self.batch_size, drop_last=True)
+
+    def eval_loader(self, split: str) -> DataLoader:
+        dataset = {"val": self.val, "test": self.test}[split]
+        sampler = EpochSampler(len(dataset), self.seed, shuffle=False)
+        return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "root": self.root,
+            "num_classes": self.num_classes,
+            "train_size": len(self.train),
+            "val_size": len(self.val),
+            "test_size": len(self.test),
+        }

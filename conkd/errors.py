@@ -1,0 +1,14 @@
+"""User-facing errors.
+
+A :class:`ConKDError` is bad input the user can fix (a config value, a missing file, ...): the
+command-line entry points print its message on one line and exit non-zero instead of showing a
+traceback. Inside a sweep it is re-raised so the sweeper records the trial as failed.
+"""
+
+
+class ConKDError(Exception):
+    """A problem with the user's input, with a message that names the fix."""
+
+
+class DivergedError(ConKDError):
+    """The training loss became NaN or infinite."""

@@ -1,0 +1,212 @@
+"""MLflow tracking: one run per training job, nested under a parent run in sweeps.
+
+The default store is ``<project>/mlruns/``: a SQLite database (``mlflow.db``) plus an
+``artifacts/`` folder, addressed by absolute URIs so runs started from any working directory land
+in the same place. ``MLFLOW_TRACKING_URI`` or ``mlflow.tracking_uri`` point elsewhere (a tracking
+server such as ``http://127.0.0.1:5000``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from conkd.errors import ConKDError
+
+# MLflow limits (mlflow.utils.validation): params per batch and value length.
+_PARAMS_PER_BATCH = 100
+_MAX_PARAM_LEN = 6000
+_MAX_TAG_LEN = 5000
+
+
+def default_store(root: str | Path) -> tuple[str, str]:
+    """``(tracking_uri, artifact_location)`` of the project's own store under ``root/mlruns``."""
+    base = Path(root).expanduser().resolve() / "mlruns"
+    return f"sqlite:///{base / 'mlflow.db'}", (base / "artifacts").as_uri()
+
+
+def resolve_store(root: str | Path, tracking_uri: str | None) -> tuple[str, str | None]:
+    """Config beats ``MLFLOW_TRACKING_URI`` beats the project store. A server picks its own
+    artifact location, so only the local store sets one."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return default_store(root)
+    if uri.startswith("sqlite:///") or "://" not in uri:
+        # A local database or folder: keep artifacts beside it, not in the working directory.
+        db_path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+        artifacts = (db_path.parent / "artifacts").as_uri()
+        uri = f"sqlite:///{db_path}" if uri.startswith("sqlite:///") else str(db_path)
+        return uri, artifacts
+    return uri, None
+
+
+def with_retry(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
+    """Call ``fn``, retrying SQLite's "database is locked" from concurrent writers with backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # MlflowException wraps sqlalchemy.OperationalError
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * 2**attempt * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def prepare_store(tracking_uri: str) -> None:
+    """Create the SQLite database (and run MLflow's migrations) once, from one process.
+
+    Parallel jobs that each create the database race in Alembic's migrations, so sweeps call
+    this in the parent before launching. It also checks that a tracking server is reachable.
+    """
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        with_retry(client.search_experiments, max_results=1)
+    except Exception as err:
+        raise ConKDError(
+            f"cannot reach the MLflow tracking store {tracking_uri} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); start the server, fix mlflow.tracking_uri / "
+            "MLFLOW_TRACKING_URI, or set mlflow.enabled=false"
+        ) from err
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``; lists become their string form."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another process created it first
+        exp = with_retry(client.get_experiment_by_name, name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class Tracker:
+    """A thin, failure-safe wrapper around one MLflow run.
+
+    Use as a context manager: the run ends FINISHED on success, FAILED (with the error message as
+    the ``error`` tag) on an exception and KILLED on Ctrl-C, so a crash never leaves it open.
+    With ``enabled=False`` every method is a no-op and the run is only logged to the console.
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str | None = None,
+        artifact_location: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.artifact_location = artifact_location
+        self.parent_run_id = parent_run_id
+        self.tags = dict(tags or {})
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def __enter__(self) -> Tracker:
+        if not self.enabled:
+            return self
+        import mlflow
+
+        prepare_store(self.tracking_uri)
+        self.client = mlflow.MlflowClient(self.tracking_uri)
+        exp_id = with_retry(
+            get_or_create_experiment, self.client, self.experiment_name, self.artifact_location
+        )
+        tags = {k: str(v)[:_MAX_TAG_LEN] for k, v in self.tags.items()}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = with_retry(self.client.create_run, exp_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+            self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:_MAX_TAG_LEN]})
+        with_retry(self.client.set_terminated, self.run_id, status=status)
+
+    # --- logging -----------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            with_retry(self.client.log_batch, self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            with_retry(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:_MAX_TAG_LEN]) for k, v in tags.items()]
+        with_retry(self.client.log_batch, self.run_id, tags=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        p = Path(path)
+        if p.is_dir():
+            with_retry(self.client.log_artifacts, self.run_id, str(p), artifact_path)
+        elif p.exists():
+            with_retry(self.client.log_artifact, self.run_id, str(p), artifact_path)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Make this run the fluent API's active run (for ``mlflow.pytorch.log_model``)."""
+        import mlflow
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
+                yield
+        finally:
+            mlflow.set_tracking_uri(previous)

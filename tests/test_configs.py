@@ -1,0 +1,109 @@
+"""Every option of every config group composes and instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conkd.data import DataModule
+from conkd.losses import Objective
+from conkd.models import Network
+from conkd.run import model_spec, run_name
+from tests.conftest import ROOT
+from tests.test_data import write_fake_imagenette
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def test_groups_are_discovered() -> None:
+    assert {"lsd+supcon", "lsd", "supcon", "ce", "kd"} <= set(options("loss"))
+    assert {"lion", "adamw", "sgd"} <= set(options("optimizer"))
+    assert {"teacher", "conkd_lion"} <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("name", options("loss"))
+def test_loss_options(compose_cfg, name: str) -> None:
+    cfg = compose_cfg([f"loss={name}"])
+    objective = Objective(instantiate(cfg.loss.terms, _convert_="all"))
+    assert cfg.loss.name == name
+    b = 6
+    student = {"logits": torch.randn(b, 3), "embedding": torch.randn(b, 8),
+               "projection": torch.randn(b, 8)}
+    out = objective(student, student, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+@pytest.mark.parametrize("sched", options("scheduler"))
+def test_optimizer_and_scheduler_options(compose_cfg, name: str, sched: str) -> None:
+    cfg = compose_cfg([f"optimizer={name}", f"scheduler={sched}"])
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = instantiate(cfg.optimizer)(params)
+    assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    if cfg.scheduler is None:
+        assert sched == "none"
+        return
+    scheduler = instantiate(cfg.scheduler)(opt, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        opt.step()
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(cfg.optimizer.lr, rel=0.05)  # warmup reaches the base lr
+    assert lrs[-1] < 0.05 * cfg.optimizer.lr  # and cosine decays it
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options(compose_cfg, name: str) -> None:
+    extra = ["model.arch=mobilenet_v3_small"] if name == "torchvision" else []
+    cfg = compose_cfg([f"model={name}", *extra])
+    net = instantiate(model_spec(cfg.model, num_classes=7, image_size=32))
+    assert isinstance(net, Network)
+    net.eval()
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out["logits"].shape == (2, 7)
+    assert out["projection"].shape == (2, 128)
+    torch.testing.assert_close(out["projection"].norm(dim=1), torch.ones(2))
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_dataset_options(compose_cfg, image_folder: Path, tmp_path: Path, name: str) -> None:
+    extra = {
+        "imagefolder": [f"dataset.root={image_folder}", "dataset.batch_size=8"],
+        "imagenette": [f"dataset.root={write_fake_imagenette(tmp_path)}",
+                       "dataset.source.download=false", "dataset.batch_size=8"],
+        "digits": [],
+    }[name]
+    cfg = compose_cfg([f"dataset={name}", "dataset.image_size=24", "dataset.num_workers=0", *extra])
+    data = instantiate(cfg.dataset, seed=0, _convert_="all")
+    assert isinstance(data, DataModule)
+    x, y, i = next(iter(data.train_loader(0)))
+    assert x.shape[1:] == (3, 24, 24) and y.max() < data.num_classes
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_presets(compose_cfg, name: str) -> None:
+    cfg = compose_cfg([f"experiment={name}"])
+    assert cfg.stage in ("teacher", "student", "probe")
+    objective = Objective(instantiate(cfg.loss.terms, _convert_="all"))
+    assert objective.needs_teacher == (cfg.stage == "student")
+    assert run_name(cfg)
+    if name == "conkd_lion":
+        assert cfg.loss.name == "lsd+supcon" and "Lion" in cfg.optimizer._target_
+        assert cfg.model.arch == "resnet18" and cfg.teacher.arch == "resnet101"
+    if name == "teacher":
+        assert cfg.model.arch == "resnet101" and cfg.loss.name == "ce"
+
+
+def test_mission_command_line_composes(compose_cfg) -> None:
+    cfg = compose_cfg(["loss=lsd+supcon", "optimizer=lion", "model@teacher=resnet50"])
+    assert cfg.loss.alpha == 0.15 and cfg.loss.terms.supcon.weight == 0.15
+    assert cfg.teacher.arch == "resnet50"
+    cfg = compose_cfg(["loss=lsd+supcon", "loss.alpha=0.4", "loss.kd_temperature=3"])
+    assert cfg.loss.terms.supcon.weight == 0.4
+    assert cfg.loss.terms.kd.loss.temperature == 3
