@@ -34,6 +34,7 @@ def run_app(fn: Callable[[DictConfig, Any], Any], cfg: DictConfig) -> Any:
             "job_num": hc.job.get("num"),
             "sweep_dir": hc.sweep.dir if multirun else None,
             "choices": OmegaConf.to_container(hc.runtime.choices),
+            "sweeper": hc.sweeper if multirun else None,
         }
     try:
         return fn(cfg, hydra_cfg)

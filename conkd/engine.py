@@ -160,7 +160,7 @@ def fit(
     num_classes: int,
     monitor: str = "val/top1",
     mode: str = "max",
-    on_epoch_end: Callable[[int, Mapping[str, float], bool], None] | None = None,
+    on_epoch_end: Callable[[int, Mapping[str, float], bool], bool | None] | None = None,
     precision: str = "32",
     channels_last: bool = False,
     max_steps: int | None = None,
@@ -168,7 +168,8 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Train for ``epochs``; after each, validate and call ``on_epoch_end(epoch, metrics, is_best)``.
+    """Train for ``epochs``; after each, validate and call ``on_epoch_end(epoch, metrics, is_best)``,
+    which may return True to stop early (a pruned sweep trial).
 
     ``train_loader(epoch)`` returns that epoch's loader (its augmentation depends on the epoch).
     Returns the metrics of the best epoch by ``monitor`` (``mode`` max or min).
@@ -197,6 +198,7 @@ def fit(
             f"lr {metrics['train/lr']:.3g}  {metrics['train/throughput_img_s']:.0f} img/s"
             + ("  *best*" if is_best else "")
         )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics, is_best)
+        if on_epoch_end is not None and on_epoch_end(epoch, metrics, is_best):
+            log(f"stopped early after epoch {epoch + 1}")
+            break
     return best

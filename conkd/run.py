@@ -31,7 +31,16 @@ from conkd.engine import evaluate, fit, freeze
 from conkd.errors import ConKDError
 from conkd.losses import Objective
 from conkd.models import Probe, model_summary
-from conkd.tracking import Tracker, flatten, resolve_store
+from conkd.sweep import reporter_from_hydra
+from conkd.tracking import (
+    Tracker,
+    fetch_registered_checkpoint,
+    flatten,
+    log_model,
+    prepare_store,
+    resolve_store,
+    sweep_parent_run_id,
+)
 
 log = logging.getLogger("conkd")
 
@@ -91,10 +100,23 @@ def model_spec(node: DictConfig, num_classes: int, image_size: int) -> dict[str,
     return spec
 
 
-def load_teacher(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[nn.Module, str]:
-    """The frozen teacher from ``teacher_ckpt``, checked against ``model@teacher``."""
+def load_teacher(
+    cfg: DictConfig, data: DataModule, device: torch.device, tracking_uri: str
+) -> tuple[nn.Module, dict[str, str]]:
+    """The frozen teacher from ``teacher_ckpt`` (a path or ``models:/NAME@ALIAS``), checked
+    against ``model@teacher``. Returns it with tags that say where it came from."""
     source = str(cfg.teacher_ckpt)
-    ckpt = ckpt_io.load_checkpoint(source)
+    tags = {"teacher": source}
+    path = source
+    if source.startswith("models:/"):
+        fetched, run_id = fetch_registered_checkpoint(
+            source, tracking_uri, Path(cfg.paths.output_dir) / "teacher"
+        )
+        path = str(fetched)
+        tags["teacher.run_id"] = run_id
+    ckpt = ckpt_io.load_checkpoint(path)
+    if ckpt.get("run_id"):
+        tags.setdefault("teacher.run_id", ckpt["run_id"])
     expected = model_spec(cfg.teacher, data.num_classes, data.image_size)
     ckpt_io.check_compatible(ckpt["model"], expected, "teacher", source)
     teacher = build(ckpt["model"], "teacher model")
@@ -102,7 +124,7 @@ def load_teacher(cfg: DictConfig, data: DataModule, device: torch.device) -> tup
         teacher.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise ConKDError(f"teacher checkpoint {source} does not fit its model: {err}") from err
-    return freeze(teacher.to(device)), source
+    return freeze(teacher.to(device)), tags
 
 
 def build_model(cfg: DictConfig, data: DataModule) -> tuple[nn.Module, dict[str, Any]]:
@@ -139,6 +161,10 @@ def run_tags(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> dict[str, 
     tags.update(git_state(Path(cfg.paths.root_dir)))
     if hydra_cfg:
         tags["overrides"] = " ".join(hydra_cfg.get("overrides", []))
+        if hydra_cfg.get("sweep_dir"):
+            tags["sweep.id"] = str(hydra_cfg["sweep_dir"])
+            trial = cfg.get("optuna", {}).get("trial")
+            tags["sweep.trial"] = str(trial if trial is not None else hydra_cfg.get("job_num"))
     for k, v in (cfg.mlflow.get("tags") or {}).items():
         tags[k] = str(v)
     return tags
@@ -172,6 +198,10 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
             "hydra.run.dir so they are not overwritten"
         )
 
+    tracking_uri, artifact_location = resolve_store(cfg.paths.root_dir, cfg.mlflow.tracking_uri)
+    if cfg.mlflow.enabled:
+        prepare_store(tracking_uri)
+
     objective = Objective(build(cfg.loss.terms, "loss"))
     if objective.needs_teacher and cfg.stage != "student":
         raise ConKDError(f"loss={cfg.loss.name} distils from a teacher; use it in stage=student")
@@ -183,9 +213,9 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
 
     data: DataModule = build(cfg.dataset, "dataset", seed=cfg.seed)
     model, spec = build_model(cfg, data)
-    teacher, teacher_source = None, None
+    teacher, teacher_tags = None, {}
     if objective.needs_teacher:
-        teacher, teacher_source = load_teacher(cfg, data, device)
+        teacher, teacher_tags = load_teacher(cfg, data, device, tracking_uri)
     missing = objective.inputs - {"logits", "embedding"}
     if missing and getattr(model, "projector", None) is None:
         raise ConKDError(
@@ -212,16 +242,14 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
             optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs
         )
 
-    tracking_uri, artifact_location = resolve_store(cfg.paths.root_dir, cfg.mlflow.tracking_uri)
-    tags = run_tags(cfg, hydra_cfg)
-    if teacher_source:
-        tags["teacher"] = teacher_source
+    tags = {**run_tags(cfg, hydra_cfg), **teacher_tags}
     tracker = Tracker(
         enabled=cfg.mlflow.enabled,
         tracking_uri=tracking_uri,
         experiment_name=cfg.mlflow.experiment_name,
         run_name=cfg.mlflow.run_name or run_name(cfg),
         artifact_location=artifact_location,
+        parent_run_id=sweep_parent_run_id(hydra_cfg and hydra_cfg.get("sweep_dir")),
         tags=tags,
     )
     with tracker:
@@ -233,14 +261,17 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         log.info(
             "stage=%s model=%s teacher=%s loss=%s optimizer=%s device=%s data=%s",
-            cfg.stage, spec.get("arch", "probe"), teacher_source, cfg.loss.name,
+            cfg.stage, spec.get("arch", "probe"), teacher_tags.get("teacher"), cfg.loss.name,
             cfg.optimizer._target_, device, data.describe(),
         )
 
         history: list[dict[str, float]] = []
-        extra = {"classes": data.classes, "stage": cfg.stage, "config": resolved}
+        extra = {"classes": data.classes, "stage": cfg.stage, "config": resolved,
+                 "run_id": tracker.run_id}
 
-        def on_epoch_end(epoch: int, metrics: Mapping[str, float], is_best: bool) -> None:
+        reporter = reporter_from_hydra(cfg, hydra_cfg and hydra_cfg.get("sweeper"))
+
+        def on_epoch_end(epoch: int, metrics: Mapping[str, float], is_best: bool) -> bool:
             history.append(dict(metrics))
             tracker.log_metrics(metrics, step=epoch)
             ckpt_io.save_checkpoint(ckpt_dir / "last.pt", model, spec, epoch=epoch,
@@ -248,6 +279,7 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
             if is_best:
                 ckpt_io.save_checkpoint(ckpt_dir / "best.pt", model, spec, epoch=epoch,
                                         metrics=dict(metrics), **extra)
+            return reporter is not None and reporter.report(metrics[cfg.objective], epoch)
 
         best = fit(
             model, teacher, objective, data.train_loader, data.eval_loader("val"), optimizer,
@@ -266,7 +298,11 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
             precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last,
             prefix="test", progress=cfg.trainer.progress,
         )
-        summary = {**test, "best/epoch": best["epoch"], f"best/{cfg.objective}": best[cfg.objective]}
+        value = float(best[cfg.objective])
+        summary = {**test, "best/epoch": best["epoch"], f"best/{cfg.objective}": value,
+                   "objective": value}
+        if reporter is not None and reporter.pruned:
+            tracker.set_tags({"pruned": "true"})
         tracker.log_metrics(summary, step=cfg.trainer.epochs)
         (out_dir / "metrics.json").write_text(json.dumps(
             {"stage": cfg.stage, "run_id": tracker.run_id, "run_name": tracker.run_name,
@@ -279,10 +315,17 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
                      "confusion_matrix.png"):
             tracker.log_artifact(out_dir / name)
         tracker.log_artifact(out_dir / ".hydra", "hydra")
-        if cfg.mlflow.log_checkpoint:
+        register = cfg.mlflow.register if cfg.stage == "teacher" else None
+        if cfg.mlflow.log_checkpoint or register:
             tracker.log_artifact(ckpt_dir / "best.pt", "checkpoints")
+        if cfg.mlflow.log_model or register:
+            version = log_model(tracker, model.cpu(), register and register.name,
+                                register and register.alias)
+            if version:
+                log.info("registered models:/%s@%s (version %s)", register.name, register.alias,
+                         version)
         log.info(
             "done: best val top1 %.2f (epoch %d), test top1 %.2f top5 %.2f; checkpoints in %s",
             best["val/top1"], best["epoch"] + 1, test["test/top1"], test["test/top5"], ckpt_dir,
         )
-    return float(best[cfg.objective])
+    return value

@@ -58,24 +58,52 @@ def with_retry(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
 
 
 def prepare_store(tracking_uri: str) -> None:
-    """Create the SQLite database (and run MLflow's migrations) once, from one process.
+    """Create the SQLite database (MLflow's migrations) once, and check that the store answers.
 
-    Parallel jobs that each create the database race in Alembic's migrations, so sweeps call
-    this in the parent before launching. It also checks that a tracking server is reachable.
+    Processes that create one database at the same time race in Alembic's migrations, so the
+    first access holds a file lock beside the database; sweeps also call this in the parent
+    before launching jobs. A tracking server gets one quick request (no retries, short timeout),
+    so a wrong URL fails at startup rather than after the first epoch.
     """
     import mlflow
+    from filelock import FileLock
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = mlflow.MlflowClient(tracking_uri)
-    try:
+    def probe() -> None:
+        client = mlflow.MlflowClient(tracking_uri)
         with_retry(client.search_experiments, max_results=1)
+
+    try:
+        if tracking_uri.startswith("sqlite:///"):
+            db = Path(tracking_uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(db) + ".lock", timeout=300):
+                probe()
+        elif tracking_uri.startswith(("http://", "https://")):
+            with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):
+                probe()
+        else:
+            probe()
     except Exception as err:
+        first = (str(err).splitlines() or [""])[0][:200]
         raise ConKDError(
             f"cannot reach the MLflow tracking store {tracking_uri} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); start the server, fix mlflow.tracking_uri / "
-            "MLFLOW_TRACKING_URI, or set mlflow.enabled=false"
+            f"{first}); start the server, fix mlflow.tracking_uri / MLFLOW_TRACKING_URI, "
+            "or set mlflow.enabled=false"
         ) from err
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -210,3 +238,98 @@ class Tracker:
                 yield
         finally:
             mlflow.set_tracking_uri(previous)
+
+
+# --- models: logging, registry, teachers by URI ------------------------------------------------
+
+
+def log_model(
+    tracker: Tracker, model: Any, register_name: str | None = None, alias: str | None = None
+) -> str | None:
+    """Log ``model`` with ``mlflow.pytorch`` (pickle format: the network returns a dict, which
+    the default ``pt2`` export cannot trace) and, for teachers, register it under
+    ``register_name`` with ``alias``. Returns the registered version, if any."""
+    if not tracker.enabled:
+        return None
+    from pathlib import Path as _Path
+
+    import mlflow
+    import torch
+    import torchvision
+
+    import conkd
+
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+    ]
+    with tracker.active():
+        info = with_retry(
+            mlflow.pytorch.log_model, model, name="model", serialization_format="pickle",
+            code_paths=[str(_Path(conkd.__file__).parent)], pip_requirements=requirements,
+            registered_model_name=register_name,
+        )
+    version = getattr(info, "registered_model_version", None)
+    if register_name and version is not None and alias:
+        with_retry(tracker.client.set_registered_model_alias, register_name, alias, str(version))
+    return None if version is None else str(version)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, ALIAS, None); ``models:/NAME/3`` -> (NAME, None, "3")."""
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+        return name, alias, None
+    name, _, version = body.rpartition("/")
+    if not name or not version:
+        raise ConKDError(f"model URI {uri!r} must look like models:/NAME@ALIAS or models:/NAME/N")
+    return name, None, version
+
+
+def fetch_registered_checkpoint(uri: str, tracking_uri: str, dest: Path) -> tuple[Path, str]:
+    """Download the checkpoint behind a registered model version; returns (path, source run id).
+
+    The registry points at the run that logged the model; that run's ``checkpoints/best.pt``
+    carries the architecture spec, so the teacher is validated exactly like a local checkpoint.
+    """
+    import mlflow
+
+    name, alias, version = parse_model_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        if alias:
+            mv = with_retry(client.get_model_version_by_alias, name, alias)
+        else:
+            mv = with_retry(client.get_model_version, name, version)
+    except Exception as err:
+        raise ConKDError(
+            f"teacher {uri} is not in the model registry of {tracking_uri} "
+            f"({str(err).splitlines()[0][:160]}); train one with `python train.py "
+            "experiment=teacher` or pass a checkpoint path"
+        ) from err
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, artifact_path="checkpoints/best.pt", dst_path=str(dest),
+            tracking_uri=tracking_uri,
+        )
+    except Exception as err:
+        raise ConKDError(
+            f"{uri} (run {mv.run_id}) has no checkpoints/best.pt artifact; "
+            "register teachers from runs with mlflow.log_checkpoint=true"
+        ) from err
+    return Path(local), mv.run_id
+
+
+# --- sweeps --------------------------------------------------------------------------------------
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+def sweep_parent_run_id(sweep_dir: str | Path | None) -> str | None:
+    """The parent run a sweep's callback created, read from the sweep folder."""
+    if not sweep_dir:
+        return None
+    path = Path(sweep_dir) / PARENT_RUN_FILE
+    return path.read_text().strip() if path.is_file() else None

@@ -62,8 +62,8 @@ def test_student_distils_from_teacher_checkpoint(
         *tiny_overrides(image_folder, tmp_path / "student", tmp_path / "mlruns"),
     ])
     value = run(cfg)
-    teacher, source = loaded[0]
-    assert source.endswith("best.pt")
+    teacher, tags = loaded[0]
+    assert tags["teacher"].endswith("best.pt") and tags["teacher.run_id"]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     # the teacher stayed frozen: its weights equal the checkpoint's
     ref = load_checkpoint(teacher_run / "checkpoints" / "best.pt")["state_dict"]

@@ -1,0 +1,107 @@
+"""Hydra callback: one MLflow parent run per multirun, with the sweep's summary and plots.
+
+Jobs find the parent through a file in the sweep folder (works for in-process and joblib
+launchers alike) and nest their runs under it. An Optuna sweep that is re-run to resume its study
+reuses the parent run of that study, so the children of all attempts sit under one parent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from conkd.tracking import (
+    PARENT_RUN_FILE,
+    get_or_create_experiment,
+    prepare_store,
+    resolve_store,
+    with_retry,
+)
+
+log = logging.getLogger("conkd")
+
+
+class MLflowSweepCallback(Callback):
+    """Creates the parent run before any job starts and fills in the summary at the end."""
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.mlflow.enabled:
+            return
+        import mlflow
+
+        uri, artifacts = resolve_store(config.paths.root_dir, config.mlflow.tracking_uri)
+        prepare_store(uri)  # once, in the parent: parallel jobs must not race to create the DB
+        self.client = mlflow.MlflowClient(uri)
+        exp_id = get_or_create_experiment(self.client, config.mlflow.experiment_name, artifacts)
+        sweeper = config.hydra.sweeper
+        study, storage = sweeper.get("study_name"), sweeper.get("storage")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+
+        if study and storage:
+            found = with_retry(
+                self.client.search_runs, [exp_id],
+                filter_string=f"tags.`sweep.study` = '{study}' and tags.`sweep.parent` = 'true'",
+                max_results=1,
+            )
+            if found:
+                self.run_id = found[0].info.run_id
+                with_retry(self.client.update_run, self.run_id, status="RUNNING")
+                log.info("MLflow: resuming sweep parent run %s (study %s)", self.run_id, study)
+        if self.run_id is None:
+            tags = {
+                "sweep.parent": "true",
+                "sweep.id": str(sweep_dir),
+                "command": shlex.join(sys.argv),
+                "overrides": " ".join(config.hydra.overrides.task),
+                "sweeper": str(sweeper.get("_target_", "")),
+            }
+            if study:
+                tags.update({"sweep.study": study, "sweep.storage": str(storage)})
+            run = with_retry(
+                self.client.create_run, exp_id, run_name=f"sweep {study or sweep_dir.name}",
+                tags=tags,
+            )
+            self.run_id = run.info.run_id
+            params = {f"override.{o.split('=', 1)[0]}": o.split("=", 1)[-1]
+                      for o in config.hydra.overrides.task}
+            space = sweeper.get("params") or {}
+            params.update({f"search.{k}": v for k, v in space.items()})
+            for key in ("n_trials", "n_jobs", "direction", "max_failure_rate"):
+                if key in sweeper:
+                    params[f"sweeper.{key}"] = sweeper[key]
+            from mlflow.entities import Param
+
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                with_retry(self.client.log_batch, self.run_id, params=items[i : i + 100])
+        (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)
+        atexit.register(self._close, "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id is None:
+            return
+        from conkd.sweep import summarize_sweep
+
+        try:
+            summarize_sweep(self.client, self.run_id, config, Path(config.hydra.sweep.dir))
+        finally:
+            self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        """End the parent run once; at interpreter exit without on_multirun_end it is FAILED."""
+        if self.run_id is None:
+            return
+        run_id, self.run_id = self.run_id, None
+        with_retry(self.client.set_terminated, run_id, status=status)

@@ -1,0 +1,277 @@
+"""Sweeps: the job side of Optuna pruning, and the end-of-sweep summary.
+
+* :class:`TrialReporter` runs inside a job launched by the ``conkd_optuna`` sweeper: it reports
+  the validation objective to the job's Optuna trial after every epoch and asks the study's pruner
+  whether to stop.
+* :func:`summarize_sweep` runs in the sweep's parent process at the end: it finds the best trial
+  among the MLflow child runs, logs it on the parent run with Optuna's plots of the sweep, and
+  writes a ready-to-run override line and experiment file for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from conkd.tracking import with_retry
+
+log = logging.getLogger("conkd")
+
+#: Optuna system attribute the job sets when its pruner stopped it (see the sweeper plugin).
+PRUNED_ATTR = "conkd:pruned"
+#: Override the sweeper adds to each job to hand it its trial number.
+TRIAL_KEY = "optuna.trial"
+
+
+class TrialReporter:
+    """Reports one job's per-epoch objective to its Optuna trial and applies the pruner."""
+
+    def __init__(self, study_name: str, storage: str, trial_number: int, pruner: Any) -> None:
+        import optuna
+
+        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+        self._storage = self.study._storage
+        trial_id = self._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, trial_number
+        )
+        self.trial = optuna.trial.Trial(self.study, trial_id)
+        self.pruned = False
+
+    def report(self, value: float, epoch: int) -> bool:
+        """Record ``value`` at ``epoch``; True when the pruner says to stop this trial."""
+        if not math.isfinite(value):
+            return False
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.pruned = True
+            self._storage.set_trial_system_attr(self.trial._trial_id, PRUNED_ATTR, True)
+        return self.pruned
+
+
+def reporter_from_hydra(cfg: DictConfig, hydra_sweeper: Any) -> TrialReporter | None:
+    """A reporter when this job is an Optuna trial with shared storage and a pruner, else None."""
+    trial = cfg.get("optuna", {}).get("trial")
+    if trial is None or hydra_sweeper is None:
+        return None
+    storage, study = hydra_sweeper.get("storage"), hydra_sweeper.get("study_name")
+    if not storage or not study:
+        return None
+    from hydra.utils import instantiate
+
+    pruner_cfg = hydra_sweeper.get("pruner")
+    pruner = instantiate(pruner_cfg) if pruner_cfg else None
+    if pruner is None:
+        import optuna
+
+        pruner = optuna.pruners.NopPruner()
+    return TrialReporter(study, storage, int(trial), pruner)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------
+
+
+def _overrides(text: str) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in text.split() if "=" in o)
+
+
+def _is_sweep_syntax(value: str) -> bool:
+    return "," in value or value.startswith(("choice(", "range(", "interval(", "tag(", "glob("))
+
+
+def _number(v: str) -> float | None:
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def collect_trials(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
+    """One row per child run: its trial number, status, objective value and swept values."""
+    parent = client.get_run(parent_run_id)
+    runs = with_retry(
+        client.search_runs, [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000,
+    )
+    rows = []
+    for r in runs:
+        params = _overrides(r.data.tags.get("overrides", ""))
+        params.pop(TRIAL_KEY, None)
+        trial = r.data.tags.get("sweep.trial", "")
+        rows.append({
+            "run_id": r.info.run_id,
+            "trial": int(trial) if trial.isdigit() else None,
+            "status": r.info.status,
+            "pruned": r.data.tags.get("pruned") == "true",
+            "error": r.data.tags.get("error"),
+            "value": r.data.metrics.get("objective"),
+            "params": params,
+        })
+    return sorted(rows, key=lambda row: (row["trial"] is None, row["trial"], row["run_id"]))
+
+
+def _study_from_rows(rows: list[dict[str, Any]], keys: list[str], direction: str) -> Any:
+    """An in-memory Optuna study of finished child runs, so the basic sweeper's grids get the
+    same plots as Optuna sweeps."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, UniformDistribution
+
+    done = [r for r in rows if r["value"] is not None and r["status"] == "FINISHED"]
+    dists: dict[str, Any] = {}
+    for k in keys:
+        values = [r["params"].get(k) for r in done]
+        nums = [_number(v) for v in values if v is not None]
+        if nums and len(nums) == len(values) and None not in nums:
+            lo, hi = min(nums), max(nums)
+            dists[k] = UniformDistribution(lo, hi if hi > lo else lo + 1e-12)
+        else:
+            dists[k] = CategoricalDistribution(sorted({str(v) for v in values}))
+    study = optuna.create_study(direction=direction)
+    for r in done:
+        params = {}
+        for k, d in dists.items():
+            v = r["params"].get(k)
+            params[k] = float(v) if isinstance(d, UniformDistribution) else str(v)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
+                                                  value=r["value"]))
+    return study
+
+
+def _save_plots(study: Any, out_dir: Path) -> list[Path]:
+    """Objective per trial (Optuna's history plot), parallel coordinates and parameter
+    importances (Optuna's numbers). Each needs enough finished trials: best effort."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    from conkd import plots
+
+    done = [t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None]
+    sign = 1.0 if study.direction.name == "MAXIMIZE" else -1.0
+    made = []
+    steps = {
+        "sweep_objective_per_trial.png": lambda p: plots.save_axes(
+            ovm.plot_optimization_history(study), p),
+        "sweep_parallel_coordinates.png": lambda p: plots.parallel_coordinates(
+            [t.params for t in done], [t.value for t in done], p, higher_is_better=sign > 0),
+        # Mean decrease in impurity: optuna 2.10's default fANOVA fails on current NumPy.
+        "sweep_param_importances.png": lambda p: plots.importances(
+            optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
+            ), p),
+    }
+    for name, make in steps.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                make(out_dir / name)
+            made.append(out_dir / name)
+        except Exception as err:  # too few trials, a parameter that never varied, ...
+            log.info("sweep plot %s skipped: %s", name, err)
+    return made
+
+
+def best_command(config: DictConfig, best: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """A ``python train.py ...`` line and an experiment file that re-run the best trial.
+
+    Config-group choices (including those an ``hparams_search`` preset made) are spelled out, so
+    the line reproduces the trial without the search preset.
+    """
+    choices = {k: v for k, v in OmegaConf.to_container(config.hydra.runtime.choices).items()
+               if v is not None and not k.startswith("hydra") and k not in ("hparams_search",
+                                                                            "paths")}
+    fixed = {k: v for k, v in _overrides(" ".join(config.hydra.overrides.task)).items()
+             if not _is_sweep_syntax(v) and k not in choices and k != "hparams_search"}
+    groups = {k: v for k, v in choices.items() if k != "experiment"}
+    groups.update({k: v for k, v in best.items() if k in choices})
+    values = {**fixed, **{k: v for k, v in best.items() if k not in choices}}
+    head = [f"experiment={choices['experiment']}"] if "experiment" in choices else []
+    line = " ".join(["python train.py", *head, *(f"{k}={v}" for k, v in groups.items()),
+                     *(f"{k}={v}" for k, v in values.items())])
+    defaults: list[Any] = [f"/experiment/{choices['experiment']}"] if head else []
+    defaults += [{f"override /{k}": v} for k, v in groups.items()]
+    defaults.append("_self_")
+    experiment: dict[str, Any] = {"defaults": defaults}
+    for k, v in values.items():
+        node = experiment
+        *parents, leaf = k.lstrip("+").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(v)
+    return line, experiment
+
+
+def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_dir: Path) -> dict:
+    """Best trial, failure list, plots and a re-run command, logged on the parent run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    sweeper = config.hydra.sweeper
+    direction = str(sweeper.get("direction", "maximize" if config.objective_mode == "max"
+                                else "minimize")).lower()
+    rows = collect_trials(client, parent_run_id)
+    finished = [r for r in rows if r["value"] is not None and r["status"] == "FINISHED"]
+    varying = sorted({k for r in rows for k in r["params"]
+                      if len({str(x["params"].get(k)) for x in rows}) > 1})
+    keys = sorted(set(varying) | set((sweeper.get("params") or {}).keys()))
+    summary: dict[str, Any] = {
+        "objective": config.objective, "direction": direction,
+        "n_runs": len(rows), "n_finished": len(finished),
+        "n_pruned": sum(r["pruned"] for r in rows),
+        "failures": [{"trial": r["trial"], "run_id": r["run_id"], "error": r["error"]}
+                     for r in rows if r["status"] == "FAILED"],
+    }
+    if sweeper.get("storage") and sweeper.get("study_name"):
+        import optuna
+
+        study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
+        states = [t.state.name for t in study.trials]
+        summary["optuna_states"] = {s: states.count(s) for s in sorted(set(states))}
+    else:
+        study = _study_from_rows(rows, keys, direction) if finished else None
+
+    metrics = [Metric("sweep/n_runs", len(rows), 0, 0),
+               Metric("sweep/n_failed", len(summary["failures"]), 0, 0),
+               Metric("sweep/n_pruned", summary["n_pruned"], 0, 0)]
+    params, tags = [], []
+    if finished:
+        pick = max if direction == "maximize" else min
+        best = pick(finished, key=lambda r: r["value"])
+        best_params = {k: best["params"][k] for k in keys if k in best["params"]}
+        line, experiment = best_command(config, best_params)
+        summary.update(best_value=best["value"], best_params=best_params,
+                       best_run_id=best["run_id"], best_trial=best["trial"], best_command=line)
+        (sweep_dir / "best_overrides.txt").write_text(line + "\n")
+        (sweep_dir / "best_experiment.yaml").write_text(
+            "# @package _global_\n# Best trial of the sweep; copy to conf/experiment/ to reuse.\n"
+            + yaml.safe_dump(experiment, sort_keys=False)
+        )
+        metrics.append(Metric("best_value", best["value"], 0, 0))
+        params = [Param(f"best.{k}", str(v)[:6000]) for k, v in best_params.items()]
+        tags = [RunTag("best_run_id", best["run_id"]), RunTag("best_command", line[:5000])]
+        tags += [RunTag(f"best.{k}", str(v)[:5000]) for k, v in best_params.items()]
+        log.info("sweep best %s = %.4f (trial %s): %s", config.objective, best["value"],
+                 best["trial"], line)
+    for f in summary["failures"]:
+        log.warning("sweep trial %s failed: %s", f["trial"], f["error"])
+    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    existing = client.get_run(parent_run_id).data.params
+    # Params are immutable: a resumed sweep keeps the first ones; the best.* tags stay current.
+    params = [p for p in params if p.key not in existing]
+    with_retry(client.log_batch, parent_run_id, metrics=metrics, params=params, tags=tags)
+    files = [sweep_dir / n for n in ("sweep_summary.json", "best_overrides.txt",
+                                     "best_experiment.yaml")]
+    if study is not None and any(t.state.name == "COMPLETE" for t in study.trials):
+        files += _save_plots(study, sweep_dir)
+    for f in files:
+        if f.is_file():
+            with_retry(client.log_artifact, parent_run_id, str(f), "sweep")
+    return summary

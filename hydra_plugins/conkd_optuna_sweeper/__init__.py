@@ -1,0 +1,1 @@
+"""ConKD's Optuna sweeper: hydra-optuna-sweeper plus pruning, resume to a total, failure budget."""
