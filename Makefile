@@ -2,17 +2,27 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.conkd-installed
+# The MLflow server/UI gets its own small environment: the training environment pins
+# SQLAlchemy < 2 for optuna 2.10 (hydra-optuna-sweeper), and MLflow 3.17's server needs 2.x.
+UI_VENV ?= .venv-ui
+UI_STAMP := $(UI_VENV)/.conkd-installed
+MLFLOW_VERSION = $(shell $(PY) -c "import mlflow; print(mlflow.__version__)")
 RUN := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: install demo test test-all lint ui clean-outputs
+.PHONY: install demo test test-all lint ui
 
-install: $(STAMP)
+install: $(STAMP) $(UI_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
+
+$(UI_STAMP): $(STAMP)
+	test -x $(UI_VENV)/bin/python || python3 -m venv $(UI_VENV)
+	$(UI_VENV)/bin/python -m pip install 'mlflow==$(MLFLOW_VERSION)'
+	touch $(UI_STAMP)
 
 ## demo: train a ResNet-101 teacher, distil a ResNet-18 student (digits, CPU, a few minutes)
 demo: $(STAMP)
@@ -22,11 +32,11 @@ demo: $(STAMP)
 	@$(PY) -m conkd.summary $(RUN)/teacher $(RUN)/student
 
 ## test: the default (fast) suite
-test: $(STAMP)
+test: $(STAMP) $(UI_STAMP)
 	$(PY) -m pytest -q
 
 ## test-all: including tests marked slow
-test-all: $(STAMP)
+test-all: $(STAMP) $(UI_STAMP)
 	$(PY) -m pytest -q -m ''
 
 lint: $(STAMP)
@@ -34,6 +44,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check conkd tests train.py eval.py hydra_plugins benchmarks
 
 ## ui: the MLflow UI on the project's store, http://127.0.0.1:5000
-ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+ui: $(UI_STAMP)
+	$(PY) -c "from conkd.tracking import prepare_store as p, default_store as d; p(d('.')[0])"
+	$(UI_VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from conkd.tracking import (
     PARENT_RUN_FILE,
     get_or_create_experiment,
+    log_params_batched,
     prepare_store,
     resolve_store,
     with_retry,
@@ -58,6 +59,7 @@ class MLflowSweepCallback(Callback):
             if found:
                 self.run_id = found[0].info.run_id
                 with_retry(self.client.update_run, self.run_id, status="RUNNING")
+                self._close_interrupted_children(exp_id)
                 log.info("MLflow: resuming sweep parent run %s (study %s)", self.run_id, study)
         if self.run_id is None:
             tags = {
@@ -74,6 +76,7 @@ class MLflowSweepCallback(Callback):
                 tags=tags,
             )
             self.run_id = run.info.run_id
+            (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)  # before anything can fail
             params = {f"override.{o.split('=', 1)[0]}": o.split("=", 1)[-1]
                       for o in config.hydra.overrides.task}
             space = sweeper.get("params") or {}
@@ -81,11 +84,7 @@ class MLflowSweepCallback(Callback):
             for key in ("n_trials", "n_jobs", "direction", "max_failure_rate"):
                 if key in sweeper:
                     params[f"sweeper.{key}"] = sweeper[key]
-            from mlflow.entities import Param
-
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):
-                with_retry(self.client.log_batch, self.run_id, params=items[i : i + 100])
+            log_params_batched(self.client, self.run_id, params)
         (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)
         atexit.register(self._close, "FAILED")
 
@@ -98,6 +97,15 @@ class MLflowSweepCallback(Callback):
             summarize_sweep(self.client, self.run_id, config, Path(config.hydra.sweep.dir))
         finally:
             self._close("FINISHED")
+
+    def _close_interrupted_children(self, exp_id: str) -> None:
+        """Child runs still RUNNING belong to jobs the interruption killed: mark them KILLED."""
+        stale = with_retry(
+            self.client.search_runs, [exp_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and status = 'RUNNING'",
+        )
+        for run in stale:
+            with_retry(self.client.set_terminated, run.info.run_id, status="KILLED")
 
     def _close(self, status: str) -> None:
         """End the parent run once; at interpreter exit without on_multirun_end it is FAILED."""

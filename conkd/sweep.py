@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from conkd.tracking import with_retry
+from conkd.tracking import safe_key, with_retry
 
 log = logging.getLogger("conkd")
 
@@ -64,6 +64,15 @@ def reporter_from_hydra(cfg: DictConfig, hydra_sweeper: Any) -> TrialReporter | 
         return None
     from hydra.utils import instantiate
 
+    direction = str(hydra_sweeper.get("direction", "")).lower()
+    wanted = "maximize" if cfg.objective_mode == "max" else "minimize"
+    if direction and direction != wanted:
+        from conkd.errors import ConKDError
+
+        raise ConKDError(
+            f"hydra.sweeper.direction={direction} but objective_mode={cfg.objective_mode}; "
+            f"set hydra.sweeper.direction={wanted}"
+        )
     pruner_cfg = hydra_sweeper.get("pruner")
     pruner = instantiate(pruner_cfg) if pruner_cfg else None
     if pruner is None:
@@ -254,9 +263,9 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
             + yaml.safe_dump(experiment, sort_keys=False)
         )
         metrics.append(Metric("best_value", best["value"], 0, 0))
-        params = [Param(f"best.{k}", str(v)[:6000]) for k, v in best_params.items()]
+        params = [Param(safe_key(f"best.{k}"), str(v)[:6000]) for k, v in best_params.items()]
         tags = [RunTag("best_run_id", best["run_id"]), RunTag("best_command", line[:5000])]
-        tags += [RunTag(f"best.{k}", str(v)[:5000]) for k, v in best_params.items()]
+        tags += [RunTag(safe_key(f"best.{k}"), str(v)[:5000]) for k, v in best_params.items()]
         log.info("sweep best %s = %.4f (trial %s): %s", config.objective, best["value"],
                  best["trial"], line)
     for f in summary["failures"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -106,6 +107,20 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def safe_key(key: str) -> str:
+    """An MLflow-valid param/metric key: ``model@teacher`` -> ``model:teacher``."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key.replace("@", ":"))
+
+
+def log_params_batched(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log params in MLflow-sized batches with valid keys and truncated values."""
+    from mlflow.entities import Param
+
+    items = [Param(safe_key(k), str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+    for i in range(0, len(items), _PARAMS_PER_BATCH):
+        with_retry(client.log_batch, run_id, params=items[i : i + _PARAMS_PER_BATCH])
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}``; lists become their string form."""
     out: dict[str, Any] = {}
@@ -191,13 +206,8 @@ class Tracker:
     # --- logging -----------------------------------------------------------------------------
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
-        for i in range(0, len(items), _PARAMS_PER_BATCH):
-            with_retry(self.client.log_batch, self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
+        if self.enabled:
+            log_params_batched(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.enabled:
@@ -205,7 +215,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        items = [Metric(safe_key(k), float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             with_retry(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
@@ -214,7 +224,7 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)[:_MAX_TAG_LEN]) for k, v in tags.items()]
+        items = [RunTag(safe_key(k), str(v)[:_MAX_TAG_LEN]) for k, v in tags.items()]
         with_retry(self.client.log_batch, self.run_id, tags=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -269,6 +279,7 @@ def log_model(
             code_paths=[str(_Path(conkd.__file__).parent)], pip_requirements=requirements,
             registered_model_name=register_name,
         )
+    tracker.set_tags({"model_uri": info.model_uri})  # MLflow 3 keeps models outside runs:/
     version = getattr(info, "registered_model_version", None)
     if register_name and version is not None and alias:
         with_retry(tracker.client.set_registered_model_alias, register_name, alias, str(version))

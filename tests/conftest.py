@@ -58,6 +58,7 @@ def tiny_overrides(data_root: Path, out_dir: Path, store: Path) -> list[str]:
         "trainer.epochs=2",
         "trainer.max_steps_per_epoch=3",
         "trainer.progress=false",
+        "mlflow.log_model=false",
         f"paths.output_dir={out_dir}",
         f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db",
     ]
@@ -88,3 +89,26 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess
         [sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=full_env,
         timeout=600,
     )
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """Compose conf/train.yaml outside a fixture (for session-scoped fixtures)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def teacher_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-18 'teacher' trained with CE for a few steps, shared by the whole session."""
+    from conkd.run import run
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = compose_train([
+        "experiment=teacher", "model=resnet18", "mlflow.register=null",
+        *tiny_overrides(image_folder, out / "run", out / "mlruns"),
+    ])
+    assert 0.0 <= run(cfg) <= 100.0
+    return out / "run"

@@ -10,7 +10,6 @@ from conkd.checkpoint import load_checkpoint
 from conkd.errors import ConKDError
 from conkd.run import run
 from tests.conftest import run_cli, tiny_overrides
-from tests.test_train import teacher_run  # noqa: F401  (module-scoped fixture)
 
 
 def expect_error(compose_cfg, overrides: list[str], match: str) -> str:
@@ -49,7 +48,7 @@ def test_teacher_checkpoint_missing(compose_cfg, tiny, tmp_path: Path) -> None:
     assert "nope.pt" in msg
 
 
-def test_teacher_checkpoint_other_architecture(compose_cfg, tiny, teacher_run) -> None:  # noqa: F811
+def test_teacher_checkpoint_other_architecture(compose_cfg, tiny, teacher_run) -> None:
     ckpt = teacher_run / "checkpoints" / "best.pt"
     msg = expect_error(
         compose_cfg, [f"teacher_ckpt={ckpt}", "model@teacher=resnet34", *tiny], "arch"
@@ -57,7 +56,7 @@ def test_teacher_checkpoint_other_architecture(compose_cfg, tiny, teacher_run) -
     assert "'resnet18'" in msg and "'resnet34'" in msg
 
 
-def test_teacher_checkpoint_other_class_count(compose_cfg, tmp_path, teacher_run) -> None:  # noqa: F811
+def test_teacher_checkpoint_other_class_count(compose_cfg, tmp_path, teacher_run) -> None:
     ckpt = teacher_run / "checkpoints" / "best.pt"
     expect_error(
         compose_cfg,
@@ -88,7 +87,7 @@ def test_unreadable_image_is_named(compose_cfg, tiny, image_folder: Path, tmp_pa
     assert str(bad) in msg
 
 
-def test_failed_run_keeps_earlier_checkpoints(compose_cfg, tiny, teacher_run) -> None:  # noqa: F811
+def test_failed_run_keeps_earlier_checkpoints(compose_cfg, tiny, teacher_run) -> None:
     best = teacher_run / "checkpoints" / "best.pt"
     before = best.read_bytes()
     expect_error(compose_cfg, ["stage=teacher", "loss=ce", *tiny,

@@ -13,27 +13,6 @@ from conkd.run import run
 from tests.conftest import run_cli, tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def teacher_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ResNet-18 'teacher' trained with CE for a few steps (module-scoped: built once)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from tests.conftest import ROOT
-
-    out = tmp_path_factory.mktemp("teacher")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=teacher", "model=resnet18",
-            *tiny_overrides(image_folder, out / "run", out / "mlruns"),
-        ])
-    GlobalHydra.instance().clear()
-    value = run(cfg)
-    assert 0.0 <= value <= 100.0
-    return out / "run"
-
-
 def test_teacher_run_writes_checkpoints(teacher_run: Path) -> None:
     ckpt = load_checkpoint(teacher_run / "checkpoints" / "best.pt")
     assert ckpt["model"]["arch"] == "resnet18" and ckpt["model"]["num_classes"] == 3

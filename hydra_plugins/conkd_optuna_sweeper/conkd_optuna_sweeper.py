@@ -35,12 +35,23 @@ INTERRUPTED_ATTR = "conkd:interrupted"
 
 
 class PruneAwareStorage(RDBStorage):
-    """RDB storage that records a trial its job marked as pruned as PRUNED, not COMPLETE."""
+    """RDB storage that records a trial its job marked as pruned as PRUNED, not COMPLETE.
+
+    Optuna wraps RDB storages in a cache that finishes trials through ``_update_trial``, and
+    uncached callers use ``set_trial_state``: both paths are covered. The mark is read from the
+    database, where the job (another process) wrote it.
+    """
+
+    def _pruned(self, trial_id: int, state: Any) -> Any:
+        if state == TrialState.COMPLETE and self.get_trial_system_attrs(trial_id).get(PRUNED_ATTR):
+            return TrialState.PRUNED
+        return state
 
     def set_trial_state(self, trial_id: int, state: TrialState) -> bool:
-        if state == TrialState.COMPLETE and self.get_trial_system_attrs(trial_id).get(PRUNED_ATTR):
-            state = TrialState.PRUNED
-        return super().set_trial_state(trial_id, state)
+        return super().set_trial_state(trial_id, self._pruned(trial_id, state))
+
+    def _update_trial(self, trial_id: int, state: Any = None, **kwargs: Any) -> bool:
+        return super()._update_trial(trial_id, state=self._pruned(trial_id, state), **kwargs)
 
 
 class _BudgetLauncher:
@@ -129,6 +140,8 @@ class ConKDOptunaSweeperConf(OptunaSweeperConf):
     defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
     # An optuna.pruners.* config (hydra/sweeper/pruner=median|none|successive_halving|hyperband)
     pruner: Any = MISSING
+    # ConKD's default objective is validation top-1; objective_mode=min needs minimize here.
+    direction: Any = "maximize"
     max_failure_rate: float = 0.5
 
 

@@ -1,0 +1,246 @@
+"""MLflow tracking: runs, failures, the model registry, sweeps, concurrency, a real server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conkd.errors import ConKDError, DivergedError
+from conkd.run import run
+from conkd.tracking import resolve_store
+from tests.conftest import ROOT, run_cli, tiny_overrides
+
+
+def client_for(store: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{store}/mlflow.db")
+
+
+def only_run(client: mlflow.MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_default_store_is_absolute_under_project(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri, artifacts = resolve_store(ROOT, None)
+    assert uri == f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
+    assert artifacts == (ROOT / "mlruns" / "artifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_store(ROOT, None) == ("http://127.0.0.1:5999", None)
+    assert resolve_store(ROOT, "sqlite:///x.db")[0] == f"sqlite:///{tmp_path / 'x.db'}"
+
+
+def test_student_run_is_fully_tracked(
+    compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "mlruns"
+    cfg = compose_cfg([
+        "loss=lsd+supcon", "optimizer=lion", "model@teacher=resnet18",
+        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
+        *tiny_overrides(image_folder, tmp_path / "run", store), "mlflow.log_model=true",
+    ])
+    run(cfg)
+    client = client_for(store)
+    r = only_run(client, "conkd-imagefolder")
+    assert r.info.status == "FINISHED"
+    assert r.info.run_name == "resnet18<-resnet18 lsd+supcon lion"
+    p = r.data.params
+    assert p["loss.alpha"] == "0.15" and p["loss.kd_temperature"] == "2.0"
+    assert p["loss.supcon_temperature"] == "0.07" and p["optimizer.lr"] == "0.0003"
+    assert p["optimizer.weight_decay"] == "0.5" and p["optimizer.betas"] == "[0.95, 0.98]"
+    assert p["model.arch"] == "resnet18" and p["teacher.arch"] == "resnet18"
+    assert p["dataset.image_size"] == "32" and p["dataset.batch_size"] == "8"
+    assert p["trainer.epochs"] == "2" and p["seed"] == "0"
+    tags = r.data.tags
+    assert tags["stage"] == "student" and tags["teacher"].endswith("best.pt")
+    assert tags["teacher.run_id"] and "git.commit" in tags
+    for key in ("train/loss", "train/ce", "train/kd", "train/supcon", "val/loss", "val/top1",
+                "val/top5", "train/lr", "train/epoch_time_s", "train/throughput_img_s"):
+        history = client.get_metric_history(r.info.run_id, key)
+        assert [m.step for m in history] == [0, 1], key
+    assert {"test/top1", "test/top5", "objective"} <= set(r.data.metrics)
+    arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"config.yaml", "learning_curves.png", "confusion_matrix.png", "per_class.txt",
+            "checkpoints"} <= arts  # (.hydra/ exists under a real Hydra run: see the multirun)
+    # the logged model loads back and predicts
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    try:
+        model = mlflow.pytorch.load_model(client.get_run(r.info.run_id).data.tags["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert model(torch.randn(2, 3, 32, 32))["logits"].shape == (2, 3)
+
+
+def test_failed_run_is_failed_with_error_tag(
+    compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path
+) -> None:
+    best = teacher_run / "checkpoints" / "best.pt"
+    before = best.read_bytes()
+    store = tmp_path / "mlruns"
+    cfg = compose_cfg([
+        "stage=teacher", "loss=ce", "optimizer=sgd", "optimizer.lr=1e12", "scheduler=none",
+        *tiny_overrides(image_folder, tmp_path / "run", store),
+    ])
+    with pytest.raises(DivergedError, match="non-finite loss"):
+        run(cfg)
+    r = only_run(client_for(store), "conkd-imagefolder")
+    assert r.info.status == "FAILED"
+    assert "non-finite loss" in r.data.tags["error"]
+    assert best.read_bytes() == before
+
+
+def test_teacher_registered_and_loaded_by_uri(
+    compose_cfg, image_folder: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "mlruns"
+    cfg = compose_cfg([
+        "experiment=teacher", "model=resnet18", "mlflow.register.name=tiny-teacher",
+        "mlflow.register.alias=champion", "trainer.epochs=1",
+        *tiny_overrides(image_folder, tmp_path / "teacher", store),
+    ])
+    run(cfg)
+    client = client_for(store)
+    mv = client.get_model_version_by_alias("tiny-teacher", "champion")
+    cfg = compose_cfg([
+        "loss=lsd", "model@teacher=resnet18", "teacher_ckpt=models:/tiny-teacher@champion",
+        "trainer.epochs=1", *tiny_overrides(image_folder, tmp_path / "student", store),
+    ])
+    run(cfg)
+    exp = client.get_experiment_by_name("conkd-imagefolder")
+    student = client.search_runs([exp.experiment_id], "tags.stage = 'student'")[0]
+    assert student.info.status == "FINISHED"
+    assert student.data.tags["teacher"] == "models:/tiny-teacher@champion"
+    assert student.data.tags["teacher.run_id"] == mv.run_id
+    # the registered model itself loads back through mlflow.pytorch
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    try:
+        net = mlflow.pytorch.load_model("models:/tiny-teacher@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert net.arch == "resnet18"
+
+
+def test_missing_registered_teacher_is_clear(compose_cfg, image_folder: Path, tmp_path: Path):
+    cfg = compose_cfg(["loss=lsd", "model@teacher=resnet18", "teacher_ckpt=models:/nope@x",
+                       *tiny_overrides(image_folder, tmp_path / "run", tmp_path / "mlruns")])
+    with pytest.raises(ConKDError, match="not in the model registry"):
+        run(cfg)
+
+
+def test_multirun_makes_parent_with_children(image_folder: Path, tmp_path: Path) -> None:
+    store = tmp_path / "mlruns"
+    res = run_cli(
+        "train.py", "-m", "experiment=teacher", "model=resnet18", "loss=supcon",
+        "loss.alpha=0.1,0.5,1.0", "mlflow.register=null",
+        *[o for o in tiny_overrides(image_folder, tmp_path / "x", store)
+          if not o.startswith("paths.output_dir")],
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = client_for(store)
+    exp = client.get_experiment_by_name("conkd-imagefolder")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["loss.alpha"] for c in children) == ["0.1", "0.5", "1.0"]
+    assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1", "2"]
+    hydra_files = {a.path for a in client.list_artifacts(children[0].info.run_id, "hydra")}
+    assert "hydra/overrides.yaml" in hydra_files
+    assert parent.data.params["override.loss.alpha"] == "0.1,0.5,1.0"
+    assert "best_value" in parent.data.metrics and "best.loss.alpha" in parent.data.params
+    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    assert summary["n_finished"] == 3 and summary["best_run_id"] in {
+        c.info.run_id for c in children}
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert "sweep/sweep_objective_per_trial.png" in arts
+    assert "sweep/sweep_parallel_coordinates.png" in arts
+
+
+def test_concurrent_processes_on_fresh_store(image_folder: Path, tmp_path: Path) -> None:
+    store = tmp_path / "fresh"
+    procs = []
+    for i in range(2):
+        args = ["train.py", "experiment=teacher", "model=resnet18", "mlflow.register=null",
+                f"seed={i}", *tiny_overrides(image_folder, tmp_path / f"r{i}", store)]
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    client = client_for(store)
+    exp = client.get_experiment_by_name("conkd-imagefolder")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        for key in ("train/loss", "val/top1", "train/lr"):
+            assert len(client.get_metric_history(r.info.run_id, key)) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_at_startup(compose_cfg, image_folder, tmp_path) -> None:
+    port = free_port()  # nothing listens there
+    cfg = compose_cfg([*tiny_overrides(image_folder, tmp_path / "run", tmp_path / "s"),
+                       "stage=teacher", "loss=ce", f"mlflow.tracking_uri=http://127.0.0.1:{port}"])
+    start = time.monotonic()
+    with pytest.raises(ConKDError, match="cannot reach the MLflow tracking store"):
+        run(cfg)
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+UI_MLFLOW = ROOT / ".venv-ui" / "bin" / "mlflow"
+
+
+@pytest.mark.skipif(not UI_MLFLOW.exists(), reason="no .venv-ui (make install creates it)")
+def test_real_tracking_server(compose_cfg, image_folder: Path, tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [str(UI_MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        cfg = compose_cfg([*tiny_overrides(image_folder, tmp_path / "run", tmp_path / "s"),
+                           "stage=teacher", "loss=ce", f"mlflow.tracking_uri={url}"])
+        run(cfg)
+        client = mlflow.MlflowClient(url)
+        exp = client.get_experiment_by_name("conkd-imagefolder")
+        run_id = client.search_runs([exp.experiment_id])[0].info.run_id
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}") as resp:
+            body = json.load(resp)
+        assert body["run"]["info"]["status"] == "FINISHED"
+        keys = {m["key"] for m in body["run"]["data"]["metrics"]}
+        assert {"val/top1", "train/loss", "test/top1"} <= keys
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
