@@ -1,8 +1,8 @@
 """Train a teacher, distil a student or fit a probe: `python train.py --help` lists the options.
 
-    python train.py experiment=teacher
-    python train.py loss=lsd+supcon optimizer=lion teacher_ckpt=outputs/.../checkpoints/best.pt
-    python train.py -m hparams_search=conkd_lion teacher_ckpt=...
+python train.py experiment=teacher
+python train.py loss=lsd+supcon optimizer=lion teacher_ckpt=outputs/.../checkpoints/best.pt
+python train.py -m hparams_search=conkd_lion teacher_ckpt=...
 """
 
 import os

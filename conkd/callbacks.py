@@ -52,7 +52,8 @@ class MLflowSweepCallback(Callback):
 
         if study and storage:
             found = with_retry(
-                self.client.search_runs, [exp_id],
+                self.client.search_runs,
+                [exp_id],
                 filter_string=f"tags.`sweep.study` = '{study}' and tags.`sweep.parent` = 'true'",
                 max_results=1,
             )
@@ -72,13 +73,17 @@ class MLflowSweepCallback(Callback):
             if study:
                 tags.update({"sweep.study": study, "sweep.storage": str(storage)})
             run = with_retry(
-                self.client.create_run, exp_id, run_name=f"sweep {study or sweep_dir.name}",
+                self.client.create_run,
+                exp_id,
+                run_name=f"sweep {study or sweep_dir.name}",
                 tags=tags,
             )
             self.run_id = run.info.run_id
             (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)  # before anything can fail
-            params = {f"override.{o.split('=', 1)[0]}": o.split("=", 1)[-1]
-                      for o in config.hydra.overrides.task}
+            params = {
+                f"override.{o.split('=', 1)[0]}": o.split("=", 1)[-1]
+                for o in config.hydra.overrides.task
+            }
             space = sweeper.get("params") or {}
             params.update({f"search.{k}": v for k, v in space.items()})
             for key in ("n_trials", "n_jobs", "direction", "max_failure_rate"):
@@ -101,7 +106,8 @@ class MLflowSweepCallback(Callback):
     def _close_interrupted_children(self, exp_id: str) -> None:
         """Child runs still RUNNING belong to jobs the interruption killed: mark them KILLED."""
         stale = with_retry(
-            self.client.search_runs, [exp_id],
+            self.client.search_runs,
+            [exp_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and status = 'RUNNING'",
         )
         for run in stale:

@@ -174,8 +174,12 @@ class DigitsSource(Source):
             idx, test_size=test_fraction, random_state=split_seed, stratify=digits.target
         )
         self.classes = [str(c) for c in digits.target_names]
-        self.train = Split([images[i] for i in train_idx], digits.target[train_idx].tolist(), _digit_image)
-        self.test = Split([images[i] for i in test_idx], digits.target[test_idx].tolist(), _digit_image)
+        self.train = Split(
+            [images[i] for i in train_idx], digits.target[train_idx].tolist(), _digit_image
+        )
+        self.test = Split(
+            [images[i] for i in test_idx], digits.target[test_idx].tolist(), _digit_image
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,8 +208,10 @@ def build_transforms(
     elif crop == "resized":
         ops.append(v2.RandomResizedCrop(image_size, scale=(scale_min, 1.0), antialias=True))
     elif crop == "pad":
-        ops += [v2.Resize((image_size, image_size), antialias=True),
-                v2.RandomCrop(image_size, padding=padding)]
+        ops += [
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.RandomCrop(image_size, padding=padding),
+        ]
     else:
         raise ConKDError(f"dataset.augment.crop must be resized, pad or none, got {crop!r}")
     if train:
@@ -347,8 +353,12 @@ class DataModule:
 
     def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool):
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             persistent_workers=False,
         )
 

@@ -168,8 +168,9 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Train for ``epochs``; after each, validate and call ``on_epoch_end(epoch, metrics, is_best)``,
-    which may return True to stop early (a pruned sweep trial).
+    """Train for ``epochs``; after each, validate and call
+    ``on_epoch_end(epoch, metrics, is_best)``, which may return True to stop early (a pruned
+    sweep trial).
 
     ``train_loader(epoch)`` returns that epoch's loader (its augmentation depends on the epoch).
     Returns the metrics of the best epoch by ``monitor`` (``mode`` max or min).
@@ -177,13 +178,29 @@ def fit(
     best: dict[str, float] = {}
     for epoch in range(epochs):
         metrics = train_one_epoch(
-            model, teacher, objective, train_loader(epoch), optimizer, scheduler, device, epoch,
-            precision=precision, channels_last=channels_last, max_steps=max_steps,
-            grad_clip=grad_clip, progress=progress,
+            model,
+            teacher,
+            objective,
+            train_loader(epoch),
+            optimizer,
+            scheduler,
+            device,
+            epoch,
+            precision=precision,
+            channels_last=channels_last,
+            max_steps=max_steps,
+            grad_clip=grad_clip,
+            progress=progress,
         )
         val, _ = evaluate(
-            model, val_loader, device, num_classes, objective, teacher,
-            precision=precision, channels_last=channels_last,
+            model,
+            val_loader,
+            device,
+            num_classes,
+            objective,
+            teacher,
+            precision=precision,
+            channels_last=channels_last,
         )
         metrics.update(val)
         if monitor not in metrics:

@@ -36,18 +36,29 @@ def evaluate_checkpoint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = N
     device = resolve_device(cfg.trainer.device)
     model = ckpt_io.build_from_checkpoint(ckpt).to(device)
     metrics, confusion = evaluate(
-        model, data.eval_loader(cfg.split), device, data.num_classes,
-        precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last,
-        prefix=cfg.split, progress=cfg.trainer.progress,
+        model,
+        data.eval_loader(cfg.split),
+        device,
+        data.num_classes,
+        precision=cfg.trainer.precision,
+        channels_last=cfg.trainer.channels_last,
+        prefix=cfg.split,
+        progress=cfg.trainer.progress,
     )
     table = plots.per_class_table(confusion, data.classes)
-    print(f"{cfg.ckpt_path}\n{data.name} {cfg.split}: top1 {metrics[f'{cfg.split}/top1']:.2f}  "
-          f"top5 {metrics[f'{cfg.split}/top5']:.2f}  ({int(confusion.sum())} images)\n{table}")
+    print(
+        f"{cfg.ckpt_path}\n{data.name} {cfg.split}: top1 {metrics[f'{cfg.split}/top1']:.2f}  "
+        f"top5 {metrics[f'{cfg.split}/top5']:.2f}  ({int(confusion.sum())} images)\n{table}"
+    )
     out_dir = Path(hydra_cfg["output_dir"]) if hydra_cfg else Path(cfg.paths.root_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "per_class.txt").write_text(table)
-    plots.confusion_matrix(confusion, data.classes, out_dir / "confusion_matrix.png",
-                           f"{cfg.split} confusion, top-1 {metrics[f'{cfg.split}/top1']:.2f}%")
+    plots.confusion_matrix(
+        confusion,
+        data.classes,
+        out_dir / "confusion_matrix.png",
+        f"{cfg.split} confusion, top-1 {metrics[f'{cfg.split}/top1']:.2f}%",
+    )
     result = {"checkpoint": str(cfg.ckpt_path), "split": cfg.split, **metrics}
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result

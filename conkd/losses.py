@@ -57,7 +57,9 @@ def ls_kd_loss(student: Tensor, teacher: Tensor, temperature: float, eps: float 
     Invariant to a per-sample shift and positive scale of either logit vector, so the student
     matches the teacher's *relations* between classes, not its logit range (Sun et al., 2024).
     """
-    return kd_loss(standardize(student.float(), eps), standardize(teacher.float(), eps), temperature)
+    return kd_loss(
+        standardize(student.float(), eps), standardize(teacher.float(), eps), temperature
+    )
 
 
 def supcon_loss(
@@ -92,7 +94,9 @@ def supcon_loss(
     self_mask = torch.eye(n, dtype=torch.bool, device=sim.device)
     # Numerical stability: subtracting a per-row constant leaves log-softmax unchanged.
     sim = sim - sim.masked_fill(self_mask, float("-inf")).amax(dim=1, keepdim=True).detach()
-    log_denominator = torch.logsumexp(sim.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    log_denominator = torch.logsumexp(
+        sim.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True
+    )
     log_prob = sim - log_denominator
 
     positives = (labels.unsqueeze(0) == labels.unsqueeze(1)) & ~self_mask

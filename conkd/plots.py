@@ -17,8 +17,10 @@ def learning_curves(history: Sequence[Mapping[str, float]], path: Path) -> Path:
     """Training loss terms (left) and validation top-1/top-5 (right) against epoch."""
     epochs = np.arange(1, len(history) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    keys = sorted({k for h in history for k in h if k.startswith("train/")} - {
-        "train/lr", "train/epoch_time_s", "train/throughput_img_s"})
+    keys = sorted(
+        {k for h in history for k in h if k.startswith("train/")}
+        - {"train/lr", "train/epoch_time_s", "train/throughput_img_s"}
+    )
     for k in keys:
         ax_loss.plot(epochs, [h.get(k, np.nan) for h in history], marker="o", label=k[6:])
     if any("val/loss" in h for h in history):
@@ -52,8 +54,15 @@ def confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: Path, 
             for j in range(n):
                 if confusion[i, j]:
                     color = "white" if rates[i, j] > 0.5 else "black"
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                            color=color)
+                    ax.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color=color,
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -82,7 +91,9 @@ def save_axes(ax: Any, path: Path) -> Path:
 
 
 def parallel_coordinates(
-    params: Sequence[Mapping[str, Any]], values: Sequence[float], path: Path,
+    params: Sequence[Mapping[str, Any]],
+    values: Sequence[float],
+    path: Path,
     higher_is_better: bool = True,
 ) -> Path:
     """One line per trial across the swept parameters (log axis where a range spans >= 20x),

@@ -66,7 +66,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConKDError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto")
+        raise ConKDError(
+            f"trainer.device={name} but CUDA is not available; use trainer.device=auto"
+        )
     return torch.device(name)
 
 
@@ -133,7 +135,9 @@ def build_model(cfg: DictConfig, data: DataModule) -> tuple[nn.Module, dict[str,
         spec = model_spec(cfg.model, data.num_classes, data.image_size)
         return build(spec, "model"), spec
     if not cfg.probe.checkpoint:
-        raise ConKDError("stage=probe needs probe.checkpoint=PATH (a student or teacher checkpoint)")
+        raise ConKDError(
+            "stage=probe needs probe.checkpoint=PATH (a student or teacher checkpoint)"
+        )
     backbone = ckpt_io.load_checkpoint(cfg.probe.checkpoint)
     network = ckpt_io.build_from_checkpoint(backbone)
     head = OmegaConf.to_container(cfg.probe.head, resolve=True)
@@ -261,71 +265,126 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         log.info(
             "stage=%s model=%s teacher=%s loss=%s optimizer=%s device=%s data=%s",
-            cfg.stage, spec.get("arch", "probe"), teacher_tags.get("teacher"), cfg.loss.name,
-            cfg.optimizer._target_, device, data.describe(),
+            cfg.stage,
+            spec.get("arch", "probe"),
+            teacher_tags.get("teacher"),
+            cfg.loss.name,
+            cfg.optimizer._target_,
+            device,
+            data.describe(),
         )
 
         history: list[dict[str, float]] = []
-        extra = {"classes": data.classes, "stage": cfg.stage, "config": resolved,
-                 "run_id": tracker.run_id}
+        extra = {
+            "classes": data.classes,
+            "stage": cfg.stage,
+            "config": resolved,
+            "run_id": tracker.run_id,
+        }
 
         reporter = reporter_from_hydra(cfg, hydra_cfg and hydra_cfg.get("sweeper"))
 
         def on_epoch_end(epoch: int, metrics: Mapping[str, float], is_best: bool) -> bool:
             history.append(dict(metrics))
             tracker.log_metrics(metrics, step=epoch)
-            ckpt_io.save_checkpoint(ckpt_dir / "last.pt", model, spec, epoch=epoch,
-                                    metrics=dict(metrics), **extra)
+            ckpt_io.save_checkpoint(
+                ckpt_dir / "last.pt", model, spec, epoch=epoch, metrics=dict(metrics), **extra
+            )
             if is_best:
-                ckpt_io.save_checkpoint(ckpt_dir / "best.pt", model, spec, epoch=epoch,
-                                        metrics=dict(metrics), **extra)
+                ckpt_io.save_checkpoint(
+                    ckpt_dir / "best.pt", model, spec, epoch=epoch, metrics=dict(metrics), **extra
+                )
             return reporter is not None and reporter.report(metrics[cfg.objective], epoch)
 
         best = fit(
-            model, teacher, objective, data.train_loader, data.eval_loader("val"), optimizer,
-            scheduler, device, cfg.trainer.epochs, data.num_classes, monitor=cfg.objective,
+            model,
+            teacher,
+            objective,
+            data.train_loader,
+            data.eval_loader("val"),
+            optimizer,
+            scheduler,
+            device,
+            cfg.trainer.epochs,
+            data.num_classes,
+            monitor=cfg.objective,
             mode=cfg.objective_mode,
-            on_epoch_end=on_epoch_end, precision=cfg.trainer.precision,
+            on_epoch_end=on_epoch_end,
+            precision=cfg.trainer.precision,
             channels_last=cfg.trainer.channels_last,
-            max_steps=cfg.trainer.max_steps_per_epoch, grad_clip=cfg.trainer.grad_clip,
-            progress=cfg.trainer.progress, log=log.info,
+            max_steps=cfg.trainer.max_steps_per_epoch,
+            grad_clip=cfg.trainer.grad_clip,
+            progress=cfg.trainer.progress,
+            log=log.info,
         )
 
         # Test the best checkpoint, not the last epoch's weights.
         model.load_state_dict(ckpt_io.load_checkpoint(ckpt_dir / "best.pt")["state_dict"])
         test, confusion = evaluate(
-            model, data.eval_loader("test"), device, data.num_classes,
-            precision=cfg.trainer.precision, channels_last=cfg.trainer.channels_last,
-            prefix="test", progress=cfg.trainer.progress,
+            model,
+            data.eval_loader("test"),
+            device,
+            data.num_classes,
+            precision=cfg.trainer.precision,
+            channels_last=cfg.trainer.channels_last,
+            prefix="test",
+            progress=cfg.trainer.progress,
         )
         value = float(best[cfg.objective])
-        summary = {**test, "best/epoch": best["epoch"], f"best/{cfg.objective}": value,
-                   "objective": value}
+        summary = {
+            **test,
+            "best/epoch": best["epoch"],
+            f"best/{cfg.objective}": value,
+            "objective": value,
+        }
         if reporter is not None and reporter.pruned:
             tracker.set_tags({"pruned": "true"})
         tracker.log_metrics(summary, step=cfg.trainer.epochs)
-        (out_dir / "metrics.json").write_text(json.dumps(
-            {"stage": cfg.stage, "run_id": tracker.run_id, "run_name": tracker.run_name,
-             **summary}, indent=2))
+        (out_dir / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "stage": cfg.stage,
+                    "run_id": tracker.run_id,
+                    "run_name": tracker.run_name,
+                    **summary,
+                },
+                indent=2,
+            )
+        )
         (out_dir / "per_class.txt").write_text(plots.per_class_table(confusion, data.classes))
         plots.learning_curves(history, out_dir / "learning_curves.png")
-        plots.confusion_matrix(confusion, data.classes, out_dir / "confusion_matrix.png",
-                               f"test confusion, top-1 {test['test/top1']:.2f}%")
-        for name in ("config.yaml", "metrics.json", "per_class.txt", "learning_curves.png",
-                     "confusion_matrix.png"):
+        plots.confusion_matrix(
+            confusion,
+            data.classes,
+            out_dir / "confusion_matrix.png",
+            f"test confusion, top-1 {test['test/top1']:.2f}%",
+        )
+        for name in (
+            "config.yaml",
+            "metrics.json",
+            "per_class.txt",
+            "learning_curves.png",
+            "confusion_matrix.png",
+        ):
             tracker.log_artifact(out_dir / name)
         tracker.log_artifact(out_dir / ".hydra", "hydra")
         register = cfg.mlflow.register if cfg.stage == "teacher" else None
         if cfg.mlflow.log_checkpoint or register:
             tracker.log_artifact(ckpt_dir / "best.pt", "checkpoints")
         if cfg.mlflow.log_model or register:
-            version = log_model(tracker, model.cpu(), register and register.name,
-                                register and register.alias)
+            version = log_model(
+                tracker, model.cpu(), register and register.name, register and register.alias
+            )
             if version:
-                log.info("registered models:/%s@%s (version %s)", register.name, register.alias,
-                         version)
+                log.info(
+                    "registered models:/%s@%s (version %s)", register.name, register.alias, version
+                )
         log.info(
             "done: best val top1 %.2f (epoch %d), test top1 %.2f top5 %.2f; checkpoints in %s",
-            best["val/top1"], best["epoch"] + 1, test["test/top1"], test["test/top5"], ckpt_dir,
+            best["val/top1"],
+            best["epoch"] + 1,
+            test["test/top1"],
+            test["test/top5"],
+            ckpt_dir,
         )
     return value

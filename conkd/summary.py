@@ -19,8 +19,15 @@ def summarize(run_dirs: list[str]) -> str:
             continue
         m = json.loads(path.read_text())
         val = next((v for k, v in m.items() if k.startswith("best/val/top1")), float("nan"))
-        rows.append((m.get("run_name") or d, m.get("stage", "?"), f"{val:.2f}",
-                     f"{m['test/top1']:.2f}", f"{m['test/top5']:.2f}"))
+        rows.append(
+            (
+                m.get("run_name") or d,
+                m.get("stage", "?"),
+                f"{val:.2f}",
+                f"{m['test/top1']:.2f}",
+                f"{m['test/top5']:.2f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 

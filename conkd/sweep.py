@@ -106,23 +106,27 @@ def collect_trials(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
     """One row per child run: its trial number, status, objective value and swept values."""
     parent = client.get_run(parent_run_id)
     runs = with_retry(
-        client.search_runs, [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000,
+        client.search_runs,
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=5000,
     )
     rows = []
     for r in runs:
         params = _overrides(r.data.tags.get("overrides", ""))
         params.pop(TRIAL_KEY, None)
         trial = r.data.tags.get("sweep.trial", "")
-        rows.append({
-            "run_id": r.info.run_id,
-            "trial": int(trial) if trial.isdigit() else None,
-            "status": r.info.status,
-            "pruned": r.data.tags.get("pruned") == "true",
-            "error": r.data.tags.get("error"),
-            "value": r.data.metrics.get("objective"),
-            "params": params,
-        })
+        rows.append(
+            {
+                "run_id": r.info.run_id,
+                "trial": int(trial) if trial.isdigit() else None,
+                "status": r.info.status,
+                "pruned": r.data.tags.get("pruned") == "true",
+                "error": r.data.tags.get("error"),
+                "value": r.data.metrics.get("objective"),
+                "params": params,
+            }
+        )
     return sorted(rows, key=lambda row: (row["trial"] is None, row["trial"], row["run_id"]))
 
 
@@ -148,8 +152,9 @@ def _study_from_rows(rows: list[dict[str, Any]], keys: list[str], direction: str
         for k, d in dists.items():
             v = r["params"].get(k)
             params[k] = float(v) if isinstance(d, UniformDistribution) else str(v)
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
-                                                  value=r["value"]))
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=dists, value=r["value"])
+        )
     return study
 
 
@@ -168,14 +173,18 @@ def _save_plots(study: Any, out_dir: Path) -> list[Path]:
     made = []
     steps = {
         "sweep_objective_per_trial.png": lambda p: plots.save_axes(
-            ovm.plot_optimization_history(study), p),
+            ovm.plot_optimization_history(study), p
+        ),
         "sweep_parallel_coordinates.png": lambda p: plots.parallel_coordinates(
-            [t.params for t in done], [t.value for t in done], p, higher_is_better=sign > 0),
+            [t.params for t in done], [t.value for t in done], p, higher_is_better=sign > 0
+        ),
         # Mean decrease in impurity: optuna 2.10's default fANOVA fails on current NumPy.
         "sweep_param_importances.png": lambda p: plots.importances(
             optuna.importance.get_param_importances(
                 study, evaluator=optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
-            ), p),
+            ),
+            p,
+        ),
     }
     for name, make in steps.items():
         try:
@@ -194,17 +203,28 @@ def best_command(config: DictConfig, best: dict[str, str]) -> tuple[str, dict[st
     Config-group choices (including those an ``hparams_search`` preset made) are spelled out, so
     the line reproduces the trial without the search preset.
     """
-    choices = {k: v for k, v in OmegaConf.to_container(config.hydra.runtime.choices).items()
-               if v is not None and not k.startswith("hydra") and k not in ("hparams_search",
-                                                                            "paths")}
-    fixed = {k: v for k, v in _overrides(" ".join(config.hydra.overrides.task)).items()
-             if not _is_sweep_syntax(v) and k not in choices and k != "hparams_search"}
+    choices = {
+        k: v
+        for k, v in OmegaConf.to_container(config.hydra.runtime.choices).items()
+        if v is not None and not k.startswith("hydra") and k not in ("hparams_search", "paths")
+    }
+    fixed = {
+        k: v
+        for k, v in _overrides(" ".join(config.hydra.overrides.task)).items()
+        if not _is_sweep_syntax(v) and k not in choices and k != "hparams_search"
+    }
     groups = {k: v for k, v in choices.items() if k != "experiment"}
     groups.update({k: v for k, v in best.items() if k in choices})
     values = {**fixed, **{k: v for k, v in best.items() if k not in choices}}
     head = [f"experiment={choices['experiment']}"] if "experiment" in choices else []
-    line = " ".join(["python train.py", *head, *(f"{k}={v}" for k, v in groups.items()),
-                     *(f"{k}={v}" for k, v in values.items())])
+    line = " ".join(
+        [
+            "python train.py",
+            *head,
+            *(f"{k}={v}" for k, v in groups.items()),
+            *(f"{k}={v}" for k, v in values.items()),
+        ]
+    )
     defaults: list[Any] = [f"/experiment/{choices['experiment']}"] if head else []
     defaults += [{f"override /{k}": v} for k, v in groups.items()]
     defaults.append("_self_")
@@ -223,19 +243,26 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
     from mlflow.entities import Metric, Param, RunTag
 
     sweeper = config.hydra.sweeper
-    direction = str(sweeper.get("direction", "maximize" if config.objective_mode == "max"
-                                else "minimize")).lower()
+    direction = str(
+        sweeper.get("direction", "maximize" if config.objective_mode == "max" else "minimize")
+    ).lower()
     rows = collect_trials(client, parent_run_id)
     finished = [r for r in rows if r["value"] is not None and r["status"] == "FINISHED"]
-    varying = sorted({k for r in rows for k in r["params"]
-                      if len({str(x["params"].get(k)) for x in rows}) > 1})
+    varying = sorted(
+        {k for r in rows for k in r["params"] if len({str(x["params"].get(k)) for x in rows}) > 1}
+    )
     keys = sorted(set(varying) | set((sweeper.get("params") or {}).keys()))
     summary: dict[str, Any] = {
-        "objective": config.objective, "direction": direction,
-        "n_runs": len(rows), "n_finished": len(finished),
+        "objective": config.objective,
+        "direction": direction,
+        "n_runs": len(rows),
+        "n_finished": len(finished),
         "n_pruned": sum(r["pruned"] for r in rows),
-        "failures": [{"trial": r["trial"], "run_id": r["run_id"], "error": r["error"]}
-                     for r in rows if r["status"] == "FAILED"],
+        "failures": [
+            {"trial": r["trial"], "run_id": r["run_id"], "error": r["error"]}
+            for r in rows
+            if r["status"] == "FAILED"
+        ],
     }
     if sweeper.get("storage") and sweeper.get("study_name"):
         import optuna
@@ -246,17 +273,24 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
     else:
         study = _study_from_rows(rows, keys, direction) if finished else None
 
-    metrics = [Metric("sweep/n_runs", len(rows), 0, 0),
-               Metric("sweep/n_failed", len(summary["failures"]), 0, 0),
-               Metric("sweep/n_pruned", summary["n_pruned"], 0, 0)]
+    metrics = [
+        Metric("sweep/n_runs", len(rows), 0, 0),
+        Metric("sweep/n_failed", len(summary["failures"]), 0, 0),
+        Metric("sweep/n_pruned", summary["n_pruned"], 0, 0),
+    ]
     params, tags = [], []
     if finished:
         pick = max if direction == "maximize" else min
         best = pick(finished, key=lambda r: r["value"])
         best_params = {k: best["params"][k] for k in keys if k in best["params"]}
         line, experiment = best_command(config, best_params)
-        summary.update(best_value=best["value"], best_params=best_params,
-                       best_run_id=best["run_id"], best_trial=best["trial"], best_command=line)
+        summary.update(
+            best_value=best["value"],
+            best_params=best_params,
+            best_run_id=best["run_id"],
+            best_trial=best["trial"],
+            best_command=line,
+        )
         (sweep_dir / "best_overrides.txt").write_text(line + "\n")
         (sweep_dir / "best_experiment.yaml").write_text(
             "# @package _global_\n# Best trial of the sweep; copy to conf/experiment/ to reuse.\n"
@@ -266,8 +300,13 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
         params = [Param(safe_key(f"best.{k}"), str(v)[:6000]) for k, v in best_params.items()]
         tags = [RunTag("best_run_id", best["run_id"]), RunTag("best_command", line[:5000])]
         tags += [RunTag(safe_key(f"best.{k}"), str(v)[:5000]) for k, v in best_params.items()]
-        log.info("sweep best %s = %.4f (trial %s): %s", config.objective, best["value"],
-                 best["trial"], line)
+        log.info(
+            "sweep best %s = %.4f (trial %s): %s",
+            config.objective,
+            best["value"],
+            best["trial"],
+            line,
+        )
     for f in summary["failures"]:
         log.warning("sweep trial %s failed: %s", f["trial"], f["error"])
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -276,8 +315,9 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
     # Params are immutable: a resumed sweep keeps the first ones; the best.* tags stay current.
     params = [p for p in params if p.key not in existing]
     with_retry(client.log_batch, parent_run_id, metrics=metrics, params=params, tags=tags)
-    files = [sweep_dir / n for n in ("sweep_summary.json", "best_overrides.txt",
-                                     "best_experiment.yaml")]
+    files = [
+        sweep_dir / n for n in ("sweep_summary.json", "best_overrides.txt", "best_experiment.yaml")
+    ]
     if study is not None and any(t.state.name == "COMPLETE" for t in study.trials):
         files += _save_plots(study, sweep_dir)
     for f in files:

@@ -275,8 +275,12 @@ def log_model(
     ]
     with tracker.active():
         info = with_retry(
-            mlflow.pytorch.log_model, model, name="model", serialization_format="pickle",
-            code_paths=[str(_Path(conkd.__file__).parent)], pip_requirements=requirements,
+            mlflow.pytorch.log_model,
+            model,
+            name="model",
+            serialization_format="pickle",
+            code_paths=[str(_Path(conkd.__file__).parent)],
+            pip_requirements=requirements,
             registered_model_name=register_name,
         )
     tracker.set_tags({"model_uri": info.model_uri})  # MLflow 3 keeps models outside runs:/
@@ -322,7 +326,9 @@ def fetch_registered_checkpoint(uri: str, tracking_uri: str, dest: Path) -> tupl
     dest.mkdir(parents=True, exist_ok=True)
     try:
         local = mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path="checkpoints/best.pt", dst_path=str(dest),
+            run_id=mv.run_id,
+            artifact_path="checkpoints/best.pt",
+            dst_path=str(dest),
             tracking_uri=tracking_uri,
         )
     except Exception as err:

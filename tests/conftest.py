@@ -86,7 +86,11 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess
     full_env = {**os.environ, **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=full_env,
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=full_env,
         timeout=600,
     )
 
@@ -106,9 +110,13 @@ def teacher_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from conkd.run import run
 
     out = tmp_path_factory.mktemp("teacher")
-    cfg = compose_train([
-        "experiment=teacher", "model=resnet18", "mlflow.register=null",
-        *tiny_overrides(image_folder, out / "run", out / "mlruns"),
-    ])
+    cfg = compose_train(
+        [
+            "experiment=teacher",
+            "model=resnet18",
+            "mlflow.register=null",
+            *tiny_overrides(image_folder, out / "run", out / "mlruns"),
+        ]
+    )
     assert 0.0 <= run(cfg) <= 100.0
     return out / "run"

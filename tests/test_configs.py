@@ -32,8 +32,11 @@ def test_loss_options(compose_cfg, name: str) -> None:
     objective = Objective(instantiate(cfg.loss.terms, _convert_="all"))
     assert cfg.loss.name == name
     b = 6
-    student = {"logits": torch.randn(b, 3), "embedding": torch.randn(b, 8),
-               "projection": torch.randn(b, 8)}
+    student = {
+        "logits": torch.randn(b, 3),
+        "embedding": torch.randn(b, 8),
+        "projection": torch.randn(b, 8),
+    }
     out = objective(student, student, torch.tensor([0, 0, 1, 1, 2, 2]))
     assert torch.isfinite(out["loss"])
 
@@ -75,8 +78,11 @@ def test_model_options(compose_cfg, name: str) -> None:
 def test_dataset_options(compose_cfg, image_folder: Path, tmp_path: Path, name: str) -> None:
     extra = {
         "imagefolder": [f"dataset.root={image_folder}", "dataset.batch_size=8"],
-        "imagenette": [f"dataset.root={write_fake_imagenette(tmp_path)}",
-                       "dataset.source.download=false", "dataset.batch_size=8"],
+        "imagenette": [
+            f"dataset.root={write_fake_imagenette(tmp_path)}",
+            "dataset.source.download=false",
+            "dataset.batch_size=8",
+        ],
         "digits": [],
     }[name]
     cfg = compose_cfg([f"dataset={name}", "dataset.image_size=24", "dataset.num_workers=0", *extra])

@@ -60,19 +60,31 @@ def test_teacher_checkpoint_other_class_count(compose_cfg, tmp_path, teacher_run
     ckpt = teacher_run / "checkpoints" / "best.pt"
     expect_error(
         compose_cfg,
-        [f"teacher_ckpt={ckpt}", "model@teacher=resnet18", "dataset=digits",
-         f"paths.output_dir={tmp_path}/run", "mlflow.enabled=false", "trainer.progress=false"],
+        [
+            f"teacher_ckpt={ckpt}",
+            "model@teacher=resnet18",
+            "dataset=digits",
+            f"paths.output_dir={tmp_path}/run",
+            "mlflow.enabled=false",
+            "trainer.progress=false",
+        ],
         r"num_classes=3.*num_classes=10",
     )
 
 
 def test_dataset_root_missing_or_empty(compose_cfg, tiny, tmp_path: Path) -> None:
-    expect_error(compose_cfg, ["stage=teacher", "loss=ce", *tiny,
-                               f"dataset.root={tmp_path}/absent"], "does not exist")
+    expect_error(
+        compose_cfg,
+        ["stage=teacher", "loss=ce", *tiny, f"dataset.root={tmp_path}/absent"],
+        "does not exist",
+    )
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir(parents=True)
-    expect_error(compose_cfg, ["stage=teacher", "loss=ce", *tiny,
-                               f"dataset.root={tmp_path}/empty"], "empty or incomplete")
+    expect_error(
+        compose_cfg,
+        ["stage=teacher", "loss=ce", *tiny, f"dataset.root={tmp_path}/empty"],
+        "empty or incomplete",
+    )
 
 
 def test_unreadable_image_is_named(compose_cfg, tiny, image_folder: Path, tmp_path: Path) -> None:
@@ -82,16 +94,22 @@ def test_unreadable_image_is_named(compose_cfg, tiny, image_folder: Path, tmp_pa
     shutil.copytree(image_folder, copy)
     bad = copy / "train" / "class_1" / "broken.png"
     bad.write_bytes(b"this is not a png")
-    msg = expect_error(compose_cfg, ["stage=teacher", "loss=ce", *tiny,
-                                     f"dataset.root={copy}"], "cannot read image")
+    msg = expect_error(
+        compose_cfg,
+        ["stage=teacher", "loss=ce", *tiny, f"dataset.root={copy}"],
+        "cannot read image",
+    )
     assert str(bad) in msg
 
 
 def test_failed_run_keeps_earlier_checkpoints(compose_cfg, tiny, teacher_run) -> None:
     best = teacher_run / "checkpoints" / "best.pt"
     before = best.read_bytes()
-    expect_error(compose_cfg, ["stage=teacher", "loss=ce", *tiny,
-                               f"paths.output_dir={teacher_run}"], "already holds checkpoints")
+    expect_error(
+        compose_cfg,
+        ["stage=teacher", "loss=ce", *tiny, f"paths.output_dir={teacher_run}"],
+        "already holds checkpoints",
+    )
     assert best.read_bytes() == before
     assert load_checkpoint(best)["stage"] == "teacher"
 
@@ -101,8 +119,10 @@ def test_failed_run_keeps_earlier_checkpoints(compose_cfg, tiny, teacher_run) ->
     [
         (["loss=nope"], "Could not find 'loss/nope'"),
         (["experiment=teacher", "loss.label_smoothing=-1"], "label_smoothing"),
-        (["dataset=imagefolder", "dataset.root=/definitely/not/here",
-          "experiment=teacher"], "dataset root /definitely/not/here does not exist"),
+        (
+            ["dataset=imagefolder", "dataset.root=/definitely/not/here", "experiment=teacher"],
+            "dataset root /definitely/not/here does not exist",
+        ),
     ],
 )
 def test_cli_prints_one_line_without_traceback(args: list[str], needle: str, tmp_path) -> None:

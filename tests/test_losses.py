@@ -135,14 +135,19 @@ def test_modules_validate_hyperparameters() -> None:
 
 def test_objective_is_weighted_sum_of_reported_terms() -> None:
     g = torch.Generator().manual_seed(5)
-    student = {"logits": torch.randn(8, 4, generator=g), "projection": torch.randn(8, 16, generator=g)}
+    student = {
+        "logits": torch.randn(8, 4, generator=g),
+        "projection": torch.randn(8, 16, generator=g),
+    }
     teacher = {"logits": torch.randn(8, 4, generator=g)}
     y = torch.randint(0, 4, (8,), generator=g)
-    obj = Objective({
-        "ce": Term(CrossEntropy(), 0.5, "logits"),
-        "kd": Term(LogitStandardizedKD(2.0), 1.0, "logits"),
-        "supcon": Term(SupConLoss(0.07), 0.15, "projection"),
-    })
+    obj = Objective(
+        {
+            "ce": Term(CrossEntropy(), 0.5, "logits"),
+            "kd": Term(LogitStandardizedKD(2.0), 1.0, "logits"),
+            "supcon": Term(SupConLoss(0.07), 0.15, "projection"),
+        }
+    )
     out = obj(student, teacher, y)
     assert set(out) == {"loss", "ce", "kd", "supcon"}
     expected = 0.5 * out["ce"] + 1.0 * out["kd"] + 0.15 * out["supcon"]

@@ -20,13 +20,19 @@ from tests.conftest import ROOT, run_cli, tiny_overrides, write_image_folder
 
 def sweep_args(image_folder: Path, tmp_path: Path, *extra: str) -> list[str]:
     """A multirun on the tiny dataset with its own Optuna storage and MLflow store."""
-    tiny = [o for o in tiny_overrides(image_folder, tmp_path / "unused", tmp_path / "mlruns")
-            if not o.startswith("paths.output_dir")]
+    tiny = [
+        o
+        for o in tiny_overrides(image_folder, tmp_path / "unused", tmp_path / "mlruns")
+        if not o.startswith("paths.output_dir")
+    ]
     return [
-        "train.py", "-m", *tiny,
+        "train.py",
+        "-m",
+        *tiny,
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
-        "hydra.sweeper.study_name=test", *extra,
+        "hydra.sweeper.study_name=test",
+        *extra,
     ]
 
 
@@ -50,17 +56,28 @@ def states(s: optuna.Study) -> list[str]:
 def test_four_trial_sweep_over_the_search_space(
     image_folder: Path, teacher_run: Path, tmp_path: Path
 ) -> None:
-    res = run_cli(*sweep_args(
-        image_folder, tmp_path, "hparams_search=conkd_lion", "model@teacher=resnet18",
-        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}", "hydra.sweeper.n_trials=4",
-        "hydra/sweeper/pruner=none",
-    ))
+    res = run_cli(
+        *sweep_args(
+            image_folder,
+            tmp_path,
+            "hparams_search=conkd_lion",
+            "model@teacher=resnet18",
+            f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
+            "hydra.sweeper.n_trials=4",
+            "hydra/sweeper/pruner=none",
+        )
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     s = study(tmp_path)
     assert states(s) == ["COMPLETE"] * 4
-    assert set(s.best_trial.params) == {"loss.alpha", "loss.kd_temperature", "optimizer.lr",
-                                        "loss.supcon_temperature", "optimizer.weight_decay",
-                                        "loss.ce_weight"}
+    assert set(s.best_trial.params) == {
+        "loss.alpha",
+        "loss.kd_temperature",
+        "optimizer.lr",
+        "loss.supcon_temperature",
+        "optimizer.weight_decay",
+        "loss.ce_weight",
+    }
     parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 4
     assert sorted(int(c.data.tags["sweep.trial"]) for c in children) == [0, 1, 2, 3]
@@ -68,7 +85,8 @@ def test_four_trial_sweep_over_the_search_space(
     # best params saved by the sweeper and by the summary, with a runnable command
     sweep = tmp_path / "sweep"
     assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == (
-        pytest.approx(s.best_value))
+        pytest.approx(s.best_value)
+    )
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert summary["best_value"] == pytest.approx(s.best_value)
     assert summary["best_trial"] == s.best_trial.number
@@ -84,11 +102,21 @@ def test_best_command_reruns_the_best_trial(
     image_folder: Path, teacher_run: Path, tmp_path: Path, compose_cfg
 ) -> None:
     """The saved experiment file composes to the best trial's values."""
-    res = run_cli(*sweep_args(
-        image_folder, tmp_path, "hydra/sweeper=conkd_optuna", "stage=teacher", "loss=ce",
-        "model=resnet18", "hydra.sweeper.n_trials=2", "hydra/sweeper/pruner=none",
-        "optimizer=adamw", "optimizer.lr=interval(1e-4, 1e-2)", "trainer.epochs=1",
-    ))
+    res = run_cli(
+        *sweep_args(
+            image_folder,
+            tmp_path,
+            "hydra/sweeper=conkd_optuna",
+            "stage=teacher",
+            "loss=ce",
+            "model=resnet18",
+            "hydra.sweeper.n_trials=2",
+            "hydra/sweeper/pruner=none",
+            "optimizer=adamw",
+            "optimizer.lr=interval(1e-4, 1e-2)",
+            "trainer.epochs=1",
+        )
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     best = study(tmp_path).best_trial.params["optimizer.lr"]
     exp_file = ROOT / "conf" / "experiment" / "_test_best.yaml"
@@ -102,12 +130,22 @@ def test_best_command_reruns_the_best_trial(
 
 
 def test_diverged_trial_fails_and_sweep_goes_on(image_folder: Path, tmp_path: Path) -> None:
-    res = run_cli(*sweep_args(
-        image_folder, tmp_path, "hydra/sweeper=conkd_optuna", "hydra.sweeper.sampler.seed=0",
-        "hydra.sweeper.n_trials=2",  # TPE with seed 0 draws lr 1e12, then 0.01
-        "stage=teacher", "loss=ce", "model=resnet18", "optimizer=sgd", "scheduler=none",
-        "optimizer.lr=choice(0.01, 1e12)", "trainer.epochs=1",
-    ))
+    res = run_cli(
+        *sweep_args(
+            image_folder,
+            tmp_path,
+            "hydra/sweeper=conkd_optuna",
+            "hydra.sweeper.sampler.seed=0",
+            "hydra.sweeper.n_trials=2",  # TPE with seed 0 draws lr 1e12, then 0.01
+            "stage=teacher",
+            "loss=ce",
+            "model=resnet18",
+            "optimizer=sgd",
+            "scheduler=none",
+            "optimizer.lr=choice(0.01, 1e12)",
+            "trainer.epochs=1",
+        )
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     s = study(tmp_path)
     assert sorted(states(s)) == ["COMPLETE", "FAIL"]
@@ -121,21 +159,37 @@ def test_diverged_trial_fails_and_sweep_goes_on(image_folder: Path, tmp_path: Pa
 
 def test_pruner_stops_a_clearly_worse_trial(tmp_path: Path) -> None:
     image_folder = write_image_folder(tmp_path / "data", per_class_train=40, per_class_val=4)
-    common = ["hydra/sweeper=conkd_optuna", "stage=teacher", "loss=ce", "model=resnet18",
-              "optimizer=adamw", "scheduler=none", "trainer.epochs=4",
-              "trainer.max_steps_per_epoch=null", "loss.label_smoothing=interval(0.0, 0.01)",
-              "hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=1",
-              "hydra.sweep.subdir=trial_${optuna.trial}"]
-    good = run_cli(*sweep_args(image_folder, tmp_path, *common, "optimizer.lr=3e-3",
-                               "hydra.sweeper.n_trials=2"))
+    common = [
+        "hydra/sweeper=conkd_optuna",
+        "stage=teacher",
+        "loss=ce",
+        "model=resnet18",
+        "optimizer=adamw",
+        "scheduler=none",
+        "trainer.epochs=4",
+        "trainer.max_steps_per_epoch=null",
+        "loss.label_smoothing=interval(0.0, 0.01)",
+        "hydra.sweeper.pruner.n_startup_trials=2",
+        "hydra.sweeper.pruner.n_warmup_steps=1",
+        "hydra.sweep.subdir=trial_${optuna.trial}",
+    ]
+    good = run_cli(
+        *sweep_args(
+            image_folder, tmp_path, *common, "optimizer.lr=3e-3", "hydra.sweeper.n_trials=2"
+        )
+    )
     assert good.returncode == 0, good.stderr[-3000:]
     # same study, one more trial with a learning rate that cannot learn anything
-    bad = run_cli(*sweep_args(image_folder, tmp_path, *common, "optimizer.lr=1e-12",
-                              "hydra.sweeper.n_trials=3"))
+    bad = run_cli(
+        *sweep_args(
+            image_folder, tmp_path, *common, "optimizer.lr=1e-12", "hydra.sweeper.n_trials=3"
+        )
+    )
     assert bad.returncode == 0, bad.stderr[-3000:]
     s = study(tmp_path)
     assert states(s) == ["COMPLETE", "COMPLETE", "PRUNED"], [
-        (t.state.name, t.intermediate_values) for t in s.trials]
+        (t.state.name, t.intermediate_values) for t in s.trials
+    ]
     pruned = s.trials[2]
     assert max(pruned.intermediate_values) < 3  # stopped before its last epoch (index 3)
     _, children = mlflow_runs(tmp_path)
@@ -148,15 +202,25 @@ def test_interrupted_sweep_resumes_to_requested_total(
     image_folder: Path, teacher_run: Path, tmp_path: Path
 ) -> None:
     args = sweep_args(
-        image_folder, tmp_path, "hparams_search=conkd_lion", "model@teacher=resnet18",
-        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}", "hydra.sweeper.n_trials=4",
-        "hydra/sweeper/pruner=none", "trainer.epochs=3",
+        image_folder,
+        tmp_path,
+        "hparams_search=conkd_lion",
+        "model@teacher=resnet18",
+        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
+        "hydra.sweeper.n_trials=4",
+        "hydra/sweeper/pruner=none",
+        "trainer.epochs=3",
     )
     env = {**os.environ}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -177,8 +241,7 @@ def test_interrupted_sweep_resumes_to_requested_total(
     s = study(tmp_path)
     finished = [t for t in s.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4
-    assert all(t.system_attrs.get("conkd:interrupted") for t in s.trials
-               if t.state.name == "FAIL")
+    assert all(t.system_attrs.get("conkd:interrupted") for t in s.trials if t.state.name == "FAIL")
     parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1  # the resumed sweep reuses the study's parent run
     finished_children = [c for c in children if c.info.status == "FINISHED"]

@@ -46,11 +46,16 @@ def test_student_run_is_fully_tracked(
     compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path
 ) -> None:
     store = tmp_path / "mlruns"
-    cfg = compose_cfg([
-        "loss=lsd+supcon", "optimizer=lion", "model@teacher=resnet18",
-        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
-        *tiny_overrides(image_folder, tmp_path / "run", store), "mlflow.log_model=true",
-    ])
+    cfg = compose_cfg(
+        [
+            "loss=lsd+supcon",
+            "optimizer=lion",
+            "model@teacher=resnet18",
+            f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
+            *tiny_overrides(image_folder, tmp_path / "run", store),
+            "mlflow.log_model=true",
+        ]
+    )
     run(cfg)
     client = client_for(store)
     r = only_run(client, "conkd-imagefolder")
@@ -66,14 +71,29 @@ def test_student_run_is_fully_tracked(
     tags = r.data.tags
     assert tags["stage"] == "student" and tags["teacher"].endswith("best.pt")
     assert tags["teacher.run_id"] and "git.commit" in tags
-    for key in ("train/loss", "train/ce", "train/kd", "train/supcon", "val/loss", "val/top1",
-                "val/top5", "train/lr", "train/epoch_time_s", "train/throughput_img_s"):
+    for key in (
+        "train/loss",
+        "train/ce",
+        "train/kd",
+        "train/supcon",
+        "val/loss",
+        "val/top1",
+        "val/top5",
+        "train/lr",
+        "train/epoch_time_s",
+        "train/throughput_img_s",
+    ):
         history = client.get_metric_history(r.info.run_id, key)
         assert [m.step for m in history] == [0, 1], key
     assert {"test/top1", "test/top5", "objective"} <= set(r.data.metrics)
     arts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"config.yaml", "learning_curves.png", "confusion_matrix.png", "per_class.txt",
-            "checkpoints"} <= arts  # (.hydra/ exists under a real Hydra run: see the multirun)
+    assert {
+        "config.yaml",
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "per_class.txt",
+        "checkpoints",
+    } <= arts  # (.hydra/ exists under a real Hydra run: see the multirun)
     # the logged model loads back and predicts
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     try:
@@ -89,10 +109,16 @@ def test_failed_run_is_failed_with_error_tag(
     best = teacher_run / "checkpoints" / "best.pt"
     before = best.read_bytes()
     store = tmp_path / "mlruns"
-    cfg = compose_cfg([
-        "stage=teacher", "loss=ce", "optimizer=sgd", "optimizer.lr=1e12", "scheduler=none",
-        *tiny_overrides(image_folder, tmp_path / "run", store),
-    ])
+    cfg = compose_cfg(
+        [
+            "stage=teacher",
+            "loss=ce",
+            "optimizer=sgd",
+            "optimizer.lr=1e12",
+            "scheduler=none",
+            *tiny_overrides(image_folder, tmp_path / "run", store),
+        ]
+    )
     with pytest.raises(DivergedError, match="non-finite loss"):
         run(cfg)
     r = only_run(client_for(store), "conkd-imagefolder")
@@ -105,18 +131,28 @@ def test_teacher_registered_and_loaded_by_uri(
     compose_cfg, image_folder: Path, tmp_path: Path
 ) -> None:
     store = tmp_path / "mlruns"
-    cfg = compose_cfg([
-        "experiment=teacher", "model=resnet18", "mlflow.register.name=tiny-teacher",
-        "mlflow.register.alias=champion", "trainer.epochs=1",
-        *tiny_overrides(image_folder, tmp_path / "teacher", store),
-    ])
+    cfg = compose_cfg(
+        [
+            "experiment=teacher",
+            "model=resnet18",
+            "mlflow.register.name=tiny-teacher",
+            "mlflow.register.alias=champion",
+            "trainer.epochs=1",
+            *tiny_overrides(image_folder, tmp_path / "teacher", store),
+        ]
+    )
     run(cfg)
     client = client_for(store)
     mv = client.get_model_version_by_alias("tiny-teacher", "champion")
-    cfg = compose_cfg([
-        "loss=lsd", "model@teacher=resnet18", "teacher_ckpt=models:/tiny-teacher@champion",
-        "trainer.epochs=1", *tiny_overrides(image_folder, tmp_path / "student", store),
-    ])
+    cfg = compose_cfg(
+        [
+            "loss=lsd",
+            "model@teacher=resnet18",
+            "teacher_ckpt=models:/tiny-teacher@champion",
+            "trainer.epochs=1",
+            *tiny_overrides(image_folder, tmp_path / "student", store),
+        ]
+    )
     run(cfg)
     exp = client.get_experiment_by_name("conkd-imagefolder")
     student = client.search_runs([exp.experiment_id], "tags.stage = 'student'")[0]
@@ -133,8 +169,14 @@ def test_teacher_registered_and_loaded_by_uri(
 
 
 def test_missing_registered_teacher_is_clear(compose_cfg, image_folder: Path, tmp_path: Path):
-    cfg = compose_cfg(["loss=lsd", "model@teacher=resnet18", "teacher_ckpt=models:/nope@x",
-                       *tiny_overrides(image_folder, tmp_path / "run", tmp_path / "mlruns")])
+    cfg = compose_cfg(
+        [
+            "loss=lsd",
+            "model@teacher=resnet18",
+            "teacher_ckpt=models:/nope@x",
+            *tiny_overrides(image_folder, tmp_path / "run", tmp_path / "mlruns"),
+        ]
+    )
     with pytest.raises(ConKDError, match="not in the model registry"):
         run(cfg)
 
@@ -142,10 +184,18 @@ def test_missing_registered_teacher_is_clear(compose_cfg, image_folder: Path, tm
 def test_multirun_makes_parent_with_children(image_folder: Path, tmp_path: Path) -> None:
     store = tmp_path / "mlruns"
     res = run_cli(
-        "train.py", "-m", "experiment=teacher", "model=resnet18", "loss=supcon",
-        "loss.alpha=0.1,0.5,1.0", "mlflow.register=null",
-        *[o for o in tiny_overrides(image_folder, tmp_path / "x", store)
-          if not o.startswith("paths.output_dir")],
+        "train.py",
+        "-m",
+        "experiment=teacher",
+        "model=resnet18",
+        "loss=supcon",
+        "loss.alpha=0.1,0.5,1.0",
+        "mlflow.register=null",
+        *[
+            o
+            for o in tiny_overrides(image_folder, tmp_path / "x", store)
+            if not o.startswith("paths.output_dir")
+        ],
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -165,7 +215,8 @@ def test_multirun_makes_parent_with_children(image_folder: Path, tmp_path: Path)
     assert "best_value" in parent.data.metrics and "best.loss.alpha" in parent.data.params
     summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
     assert summary["n_finished"] == 3 and summary["best_run_id"] in {
-        c.info.run_id for c in children}
+        c.info.run_id for c in children
+    }
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert "sweep/sweep_objective_per_trial.png" in arts
     assert "sweep/sweep_parallel_coordinates.png" in arts
@@ -175,10 +226,23 @@ def test_concurrent_processes_on_fresh_store(image_folder: Path, tmp_path: Path)
     store = tmp_path / "fresh"
     procs = []
     for i in range(2):
-        args = ["train.py", "experiment=teacher", "model=resnet18", "mlflow.register=null",
-                f"seed={i}", *tiny_overrides(image_folder, tmp_path / f"r{i}", store)]
-        procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        args = [
+            "train.py",
+            "experiment=teacher",
+            "model=resnet18",
+            "mlflow.register=null",
+            f"seed={i}",
+            *tiny_overrides(image_folder, tmp_path / f"r{i}", store),
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -199,8 +263,14 @@ def free_port() -> int:
 
 def test_unreachable_server_fails_at_startup(compose_cfg, image_folder, tmp_path) -> None:
     port = free_port()  # nothing listens there
-    cfg = compose_cfg([*tiny_overrides(image_folder, tmp_path / "run", tmp_path / "s"),
-                       "stage=teacher", "loss=ce", f"mlflow.tracking_uri=http://127.0.0.1:{port}"])
+    cfg = compose_cfg(
+        [
+            *tiny_overrides(image_folder, tmp_path / "run", tmp_path / "s"),
+            "stage=teacher",
+            "loss=ce",
+            f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+        ]
+    )
     start = time.monotonic()
     with pytest.raises(ConKDError, match="cannot reach the MLflow tracking store"):
         run(cfg)
@@ -215,10 +285,22 @@ UI_MLFLOW = ROOT / ".venv-ui" / "bin" / "mlflow"
 def test_real_tracking_server(compose_cfg, image_folder: Path, tmp_path: Path) -> None:
     port = free_port()
     server = subprocess.Popen(
-        [str(UI_MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(UI_MLFLOW),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -230,8 +312,14 @@ def test_real_tracking_server(compose_cfg, image_folder: Path, tmp_path: Path) -
                 time.sleep(0.5)
         else:
             pytest.fail("mlflow server did not start")
-        cfg = compose_cfg([*tiny_overrides(image_folder, tmp_path / "run", tmp_path / "s"),
-                           "stage=teacher", "loss=ce", f"mlflow.tracking_uri={url}"])
+        cfg = compose_cfg(
+            [
+                *tiny_overrides(image_folder, tmp_path / "run", tmp_path / "s"),
+                "stage=teacher",
+                "loss=ce",
+                f"mlflow.tracking_uri={url}",
+            ]
+        )
         run(cfg)
         client = mlflow.MlflowClient(url)
         exp = client.get_experiment_by_name("conkd-imagefolder")

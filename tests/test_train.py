@@ -33,13 +33,18 @@ def test_student_distils_from_teacher_checkpoint(
 
     loaded = []
     real = run_module.load_teacher
-    monkeypatch.setattr(run_module, "load_teacher",
-                        lambda *a: loaded.append(real(*a)) or loaded[-1])
-    cfg = compose_cfg([
-        "loss=lsd+supcon", "optimizer=lion", "model@teacher=resnet18",
-        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
-        *tiny_overrides(image_folder, tmp_path / "student", tmp_path / "mlruns"),
-    ])
+    monkeypatch.setattr(
+        run_module, "load_teacher", lambda *a: loaded.append(real(*a)) or loaded[-1]
+    )
+    cfg = compose_cfg(
+        [
+            "loss=lsd+supcon",
+            "optimizer=lion",
+            "model@teacher=resnet18",
+            f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
+            *tiny_overrides(image_folder, tmp_path / "student", tmp_path / "mlruns"),
+        ]
+    )
     value = run(cfg)
     teacher, tags = loaded[0]
     assert tags["teacher"].endswith("best.pt") and tags["teacher.run_id"]
@@ -58,13 +63,18 @@ def test_student_distils_from_teacher_checkpoint(
 def test_same_seed_same_metrics(compose_cfg, image_folder: Path, tmp_path: Path) -> None:
     results = []
     for i in range(2):
-        cfg = compose_cfg([
-            "loss=supcon", "stage=teacher", "optimizer=lion",
-            *tiny_overrides(image_folder, tmp_path / f"r{i}", tmp_path / "mlruns"),
-            "mlflow.enabled=false",
-        ])
+        cfg = compose_cfg(
+            [
+                "loss=supcon",
+                "stage=teacher",
+                "optimizer=lion",
+                *tiny_overrides(image_folder, tmp_path / f"r{i}", tmp_path / "mlruns"),
+                "mlflow.enabled=false",
+            ]
+        )
         run(cfg)
         results.append(load_checkpoint(tmp_path / f"r{i}" / "checkpoints" / "last.pt"))
+
     def stable(metrics: dict) -> dict:  # wall-clock figures differ run to run
         return {k: v for k, v in metrics.items() if "time" not in k and "throughput" not in k}
 
@@ -77,10 +87,13 @@ def test_probe_stage_trains_only_the_head(
     compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path
 ) -> None:
     backbone = teacher_run / "checkpoints" / "best.pt"
-    cfg = compose_cfg([
-        "experiment=notebook_probe", f"probe.checkpoint={backbone}",
-        *tiny_overrides(image_folder, tmp_path / "probe", tmp_path / "mlruns"),
-    ])
+    cfg = compose_cfg(
+        [
+            "experiment=notebook_probe",
+            f"probe.checkpoint={backbone}",
+            *tiny_overrides(image_folder, tmp_path / "probe", tmp_path / "mlruns"),
+        ]
+    )
     run(cfg)
     ckpt = load_checkpoint(tmp_path / "probe" / "checkpoints" / "last.pt")
     before = load_checkpoint(backbone)["state_dict"]
@@ -92,9 +105,14 @@ def test_probe_stage_trains_only_the_head(
 
 def test_cli_teacher_then_eval(image_folder: Path, teacher_run: Path, tmp_path: Path) -> None:
     res = run_cli(
-        "eval.py", f"ckpt_path={teacher_run / 'checkpoints' / 'best.pt'}", "dataset=imagefolder",
-        f"dataset.root={image_folder}", "dataset.num_workers=0", "dataset.batch_size=4",
-        f"hydra.run.dir={tmp_path / 'eval'}", "trainer.progress=false",
+        "eval.py",
+        f"ckpt_path={teacher_run / 'checkpoints' / 'best.pt'}",
+        "dataset=imagefolder",
+        f"dataset.root={image_folder}",
+        "dataset.num_workers=0",
+        "dataset.batch_size=4",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        "trainer.progress=false",
     )
     assert res.returncode == 0, res.stderr
     assert "top1" in res.stdout and "class_2" in res.stdout

@@ -16,7 +16,7 @@ report intermediate values or be pruned. This subclass changes only what that ne
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any
 
 import optuna
 from hydra.core.config_store import ConfigStore
@@ -72,8 +72,12 @@ class _BudgetLauncher:
         # that at 1.0 (never) until the sweep-wide budget is spent, then let it fire.
         s.max_failure_rate = 0.0 if s.failures > s.failure_budget else 1.0
         if s.max_failure_rate == 0.0:
-            log.error("%d trials failed, more than max_failure_rate=%s of %d: stopping",
-                      s.failures, s.requested_rate, s.requested)
+            log.error(
+                "%d trials failed, more than max_failure_rate=%s of %d: stopping",
+                s.failures,
+                s.requested_rate,
+                s.requested,
+            )
         return returns
 
 
@@ -121,8 +125,13 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
         done = self._resume() if self.storage is not None and self.study_name else 0
         self.n_trials = max(self.requested - done, 0)
         if done:
-            log.info("study %s has %d of %d trials: running %d more", self.study_name, done,
-                     self.requested, self.n_trials)
+            log.info(
+                "study %s has %d of %d trials: running %d more",
+                self.study_name,
+                done,
+                self.requested,
+                self.n_trials,
+            )
         self.max_failure_rate = 0.0 if self.failures > self.failure_budget else 1.0
         super().sweep(arguments)
 
@@ -137,7 +146,7 @@ class ConKDOptunaSweeper(OptunaSweeper):
 @dataclass
 class ConKDOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper.ConKDOptunaSweeper"
-    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
     # An optuna.pruners.* config (hydra/sweeper/pruner=median|none|successive_halving|hyperband)
     pruner: Any = MISSING
     # ConKD's default objective is validation top-1; objective_mode=min needs minimize here.
