@@ -47,4 +47,4 @@ lint: $(STAMP)
 ui: $(UI_STAMP)
 	$(PY) -c "from conkd.tracking import prepare_store as p, default_store as d; p(d('.')[0])"
 	$(UI_VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000 --workers 1

@@ -113,3 +113,22 @@ def test_mission_command_line_composes(compose_cfg) -> None:
     cfg = compose_cfg(["loss=lsd+supcon", "loss.alpha=0.4", "loss.kd_temperature=3"])
     assert cfg.loss.terms.supcon.weight == 0.4
     assert cfg.loss.terms.kd.loss.temperature == 3
+
+
+@pytest.mark.parametrize("name", options("hparams_search"))
+def test_hparams_search_presets(name: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={name}"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("ConKDOptunaSweeper")
+    assert sweeper.direction == "maximize" and cfg.objective_mode == "max"
+    assert sweeper.storage.startswith(f"sqlite:///{ROOT}/")  # absolute: resumable from anywhere
+    assert sweeper.sampler.seed == 0 and sweeper.pruner._target_.endswith("MedianPruner")
+    assert "optimizer.lr" in sweeper.params and sweeper.study_name.endswith("_digits")
+    expected_opt = "AdamW" if name == "conkd_adamw" else "Lion"
+    assert expected_opt in cfg.optimizer._target_

@@ -248,3 +248,31 @@ def test_interrupted_sweep_resumes_to_requested_total(
     trials = [c.data.tags["sweep.trial"] for c in finished_children]
     assert len(trials) == len(set(trials)) == 4  # one child run per trial, no duplicates
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+
+
+def test_parallel_trials_with_joblib(image_folder: Path, tmp_path: Path) -> None:
+    res = run_cli(
+        *sweep_args(
+            image_folder,
+            tmp_path,
+            "hydra/sweeper=conkd_optuna",
+            "stage=teacher",
+            "loss=ce",
+            "model=resnet18",
+            "optimizer=adamw",
+            "optimizer.lr=interval(1e-4, 1e-2)",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweep.subdir=trial_${optuna.trial}",
+        )
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = study(tmp_path)
+    assert states(s) == ["COMPLETE", "COMPLETE"]
+    # each job reported to its own trial from its own process
+    assert all(len(t.intermediate_values) == 2 for t in s.trials)
+    parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1
+    assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1"]

@@ -332,3 +332,67 @@ def test_real_tracking_server(compose_cfg, image_folder: Path, tmp_path: Path) -
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_ctrl_c_marks_run_killed(image_folder: Path, tmp_path: Path) -> None:
+    import signal
+
+    store = tmp_path / "mlruns"
+    args = [
+        "train.py",
+        "experiment=teacher",
+        "model=resnet18",
+        "mlflow.register=null",
+        *tiny_overrides(image_folder, tmp_path / "run", store),
+        "trainer.epochs=500",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the run has logged an epoch
+        if (tmp_path / "run" / "checkpoints" / "last.pt").exists():
+            break
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    client = client_for(store)
+    r = only_run(client, "conkd-imagefolder")
+    assert r.info.status == "KILLED"
+
+
+def test_parallel_jobs_nest_under_one_parent(image_folder: Path, tmp_path: Path) -> None:
+    store = tmp_path / "mlruns"
+    res = run_cli(
+        "train.py",
+        "-m",
+        "experiment=teacher",
+        "model=resnet18",
+        "loss=supcon",
+        "loss.alpha=0.1,0.5,1.0",
+        "mlflow.register=null",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *[
+            o
+            for o in tiny_overrides(image_folder, tmp_path / "x", store)
+            if not o.startswith("paths.output_dir")
+        ],
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = client_for(store)
+    exp = client.get_experiment_by_name("conkd-imagefolder")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("sweep.parent") == "true")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 4 and len(children) == 3
+    assert all(c.info.status == "FINISHED" for c in children)
+    for c in children:  # no lost metrics from concurrent writers
+        assert len(client.get_metric_history(c.info.run_id, "val/top1")) == 2

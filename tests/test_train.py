@@ -119,3 +119,38 @@ def test_cli_teacher_then_eval(image_folder: Path, teacher_run: Path, tmp_path: 
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     ckpt_metrics = json.loads((teacher_run / "metrics.json").read_text())
     assert result["test/top1"] == pytest.approx(ckpt_metrics["test/top1"])
+
+
+def test_bf16_autocast_and_channels_last_run(compose_cfg, image_folder: Path, tmp_path: Path):
+    cfg = compose_cfg(
+        [
+            "stage=teacher",
+            "loss=supcon",
+            "trainer.precision=bf16",
+            "trainer.channels_last=true",
+            *tiny_overrides(image_folder, tmp_path / "run", tmp_path / "mlruns"),
+            "mlflow.enabled=false",
+            "trainer.epochs=1",
+        ]
+    )
+    value = run(cfg)
+    assert 0.0 <= value <= 100.0
+    assert (
+        load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["metrics"]["train/loss"] > 0
+    )
+
+
+def test_pretrained_weights_unreachable_is_clear(monkeypatch, tmp_path: Path) -> None:
+    import urllib.error
+
+    from conkd.errors import ConKDError
+    from conkd.models import Network
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    with pytest.raises(ConKDError, match="model.pretrained=false") as err:
+        Network("resnet18", num_classes=10, pretrained=True)
+    assert "resnet18-" in str(err.value) and str(tmp_path) in str(err.value)
