@@ -81,7 +81,7 @@ class Network(nn.Module):
         super().__init__()
         backbone = build_backbone(arch, pretrained)
         if small_stem == "auto":
-            small_stem = image_size is not None and image_size <= 64 and arch.startswith("resnet")
+            small_stem = image_size is not None and image_size < 64 and arch.startswith("resnet")
         if small_stem:
             _small_input_stem(backbone)
         name, linear = _last_linear(backbone)
