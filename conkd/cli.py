@@ -1,8 +1,7 @@
-"""Entry-point plumbing shared by train.py and eval.py: logging and user-facing errors."""
+"""Entry-point plumbing shared by train.py and eval.py: user-facing errors, not tracebacks."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -13,8 +12,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from conkd.errors import ConKDError
-
-log = logging.getLogger("conkd")
 
 
 def run_app(fn: Callable[[DictConfig, Any], Any], cfg: DictConfig) -> Any:
@@ -41,6 +38,10 @@ def run_app(fn: Callable[[DictConfig, Any], Any], cfg: DictConfig) -> Any:
     except ConKDError as err:
         if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if multirun:
+            raise
+        print("interrupted (the MLflow run is marked KILLED)", file=sys.stderr)
+        sys.exit(130)
