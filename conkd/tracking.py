@@ -133,17 +133,25 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: Experiment tag that makes the MLflow 3 UI open the model-training view, not the GenAI one.
+_KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # another process created it first
-        exp = with_retry(client.get_experiment_by_name, name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(
+                name, artifact_location=artifact_location, tags={_KIND_TAG: _KIND}
+            )
+            return exp_id
+        except Exception:  # another process created it first
+            exp = with_retry(client.get_experiment_by_name, name)
+            if exp is None:
+                raise
+    if _KIND_TAG not in exp.tags:
+        with_retry(client.set_experiment_tag, exp.experiment_id, _KIND_TAG, _KIND)
+    return exp.experiment_id
 
 
 class Tracker:
