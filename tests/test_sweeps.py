@@ -49,6 +49,15 @@ def mlflow_runs(tmp_path: Path) -> tuple[list, list]:
     return parents, children
 
 
+def conkd_lion_args(image_folder: Path, teacher_run: Path, tmp_path: Path, *extra: str) -> list:
+    """The mission's search space, 4 trials, no pruner, with the session's tiny teacher."""
+    return sweep_args(
+        image_folder, tmp_path, "hparams_search=conkd_lion", "model@teacher=resnet18",
+        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}", "hydra.sweeper.n_trials=4",
+        "hydra/sweeper/pruner=none", *extra,
+    )  # fmt: skip
+
+
 def states(s: optuna.Study) -> list[str]:
     return [t.state.name for t in s.trials]
 
@@ -56,17 +65,7 @@ def states(s: optuna.Study) -> list[str]:
 def test_four_trial_sweep_over_the_search_space(
     image_folder: Path, teacher_run: Path, tmp_path: Path
 ) -> None:
-    res = run_cli(
-        *sweep_args(
-            image_folder,
-            tmp_path,
-            "hparams_search=conkd_lion",
-            "model@teacher=resnet18",
-            f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
-            "hydra.sweeper.n_trials=4",
-            "hydra/sweeper/pruner=none",
-        )
-    )
+    res = run_cli(*conkd_lion_args(image_folder, teacher_run, tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     s = study(tmp_path)
     assert states(s) == ["COMPLETE"] * 4
@@ -99,7 +98,7 @@ def test_four_trial_sweep_over_the_search_space(
 
 
 def test_best_command_reruns_the_best_trial(
-    image_folder: Path, teacher_run: Path, tmp_path: Path, compose_cfg
+    image_folder: Path, tmp_path: Path, compose_cfg
 ) -> None:
     """The saved experiment file composes to the best trial's values."""
     res = run_cli(
@@ -201,16 +200,7 @@ def test_pruner_stops_a_clearly_worse_trial(tmp_path: Path) -> None:
 def test_interrupted_sweep_resumes_to_requested_total(
     image_folder: Path, teacher_run: Path, tmp_path: Path
 ) -> None:
-    args = sweep_args(
-        image_folder,
-        tmp_path,
-        "hparams_search=conkd_lion",
-        "model@teacher=resnet18",
-        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
-        "hydra.sweeper.n_trials=4",
-        "hydra/sweeper/pruner=none",
-        "trainer.epochs=3",
-    )
+    args = conkd_lion_args(image_folder, teacher_run, tmp_path, "trainer.epochs=3")
     env = {**os.environ}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.Popen(

@@ -181,31 +181,29 @@ def test_missing_registered_teacher_is_clear(compose_cfg, image_folder: Path, tm
         run(cfg)
 
 
-def test_multirun_makes_parent_with_children(image_folder: Path, tmp_path: Path) -> None:
+def alpha_multirun(image_folder: Path, tmp_path: Path, *extra: str) -> tuple:
+    """A 3-job plain multirun over loss.alpha; returns (client, all runs, parent, children)."""
     store = tmp_path / "mlruns"
+    tiny = tiny_overrides(image_folder, tmp_path / "x", store)
     res = run_cli(
-        "train.py",
-        "-m",
-        "experiment=teacher",
-        "model=resnet18",
-        "loss=supcon",
-        "loss.alpha=0.1,0.5,1.0",
-        "mlflow.register=null",
-        *[
-            o
-            for o in tiny_overrides(image_folder, tmp_path / "x", store)
-            if not o.startswith("paths.output_dir")
-        ],
+        "train.py", "-m", "experiment=teacher", "model=resnet18", "loss=supcon",
+        "loss.alpha=0.1,0.5,1.0", "mlflow.register=null", *extra,
+        *[o for o in tiny if not o.startswith("paths.output_dir")],
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    )
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     client = client_for(store)
     exp = client.get_experiment_by_name("conkd-imagefolder")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("sweep.parent") == "true"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return client, runs, parents[0], children
+
+
+def test_multirun_makes_parent_with_children(image_folder: Path, tmp_path: Path) -> None:
+    client, _, parent, children = alpha_multirun(image_folder, tmp_path)
+    assert parent.info.status == "FINISHED"
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["loss.alpha"] for c in children) == ["0.1", "0.5", "1.0"]
     assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1", "2"]
@@ -368,30 +366,9 @@ def test_ctrl_c_marks_run_killed(image_folder: Path, tmp_path: Path) -> None:
 
 
 def test_parallel_jobs_nest_under_one_parent(image_folder: Path, tmp_path: Path) -> None:
-    store = tmp_path / "mlruns"
-    res = run_cli(
-        "train.py",
-        "-m",
-        "experiment=teacher",
-        "model=resnet18",
-        "loss=supcon",
-        "loss.alpha=0.1,0.5,1.0",
-        "mlflow.register=null",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        *[
-            o
-            for o in tiny_overrides(image_folder, tmp_path / "x", store)
-            if not o.startswith("paths.output_dir")
-        ],
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    client, runs, _, children = alpha_multirun(
+        image_folder, tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    client = client_for(store)
-    exp = client.get_experiment_by_name("conkd-imagefolder")
-    runs = client.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("sweep.parent") == "true")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 4 and len(children) == 3
     assert all(c.info.status == "FINISHED" for c in children)
     for c in children:  # no lost metrics from concurrent writers
