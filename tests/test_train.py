@@ -154,3 +154,21 @@ def test_pretrained_weights_unreachable_is_clear(monkeypatch, tmp_path: Path) ->
     with pytest.raises(ConKDError, match="model.pretrained=false") as err:
         Network("resnet18", num_classes=10, pretrained=True)
     assert "resnet18-" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_notebook_student_distils_projections(
+    compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path
+) -> None:
+    """The original notebooks' pipeline is a config: projection-level LS-KD + 0.15 SupCon,
+    no CE, checkpoint chosen by the lowest validation loss."""
+    cfg = compose_cfg([
+        "experiment=notebook_student", "model@teacher=resnet18",
+        f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
+        *tiny_overrides(image_folder, tmp_path / "run", tmp_path / "mlruns"),
+    ])  # fmt: skip
+    assert cfg.loss.terms.kd.input == "projection" and cfg.loss.ce_weight == 0.0
+    value = run(cfg)
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["metrics"]
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["metrics"]
+    assert value == pytest.approx(best["val/loss"]) and best["val/loss"] <= last["val/loss"]
+    assert best["train/loss"] == pytest.approx(best["train/kd"] + 0.15 * best["train/supcon"])
