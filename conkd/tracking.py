@@ -160,6 +160,7 @@ class Tracker:
     Use as a context manager: the run ends FINISHED on success, FAILED (with the error message as
     the ``error`` tag) on an exception and KILLED on Ctrl-C, so a crash never leaves it open.
     With ``enabled=False`` every method is a no-op and the run is only logged to the console.
+    Call :func:`prepare_store` first (``run`` does so at startup, before loading data).
     """
 
     def __init__(
@@ -187,7 +188,7 @@ class Tracker:
             return self
         import mlflow
 
-        prepare_store(self.tracking_uri)
+        # The caller ran prepare_store() at startup (before data loading), not here again.
         self.client = mlflow.MlflowClient(self.tracking_uri)
         exp_id = with_retry(
             get_or_create_experiment, self.client, self.experiment_name, self.artifact_location

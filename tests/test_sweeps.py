@@ -58,6 +58,15 @@ def conkd_lion_args(image_folder: Path, teacher_run: Path, tmp_path: Path, *extr
     )  # fmt: skip
 
 
+def lr_sweep_args(image_folder: Path, tmp_path: Path, *extra: str) -> list:
+    """A cheap conkd_optuna sweep: CE-trained ResNet-18, AdamW lr searched, 2 trials."""
+    return sweep_args(
+        image_folder, tmp_path, "hydra/sweeper=conkd_optuna", "stage=teacher", "loss=ce",
+        "model=resnet18", "optimizer=adamw", "optimizer.lr=interval(1e-4, 1e-2)",
+        "hydra.sweeper.n_trials=2", *extra,
+    )  # fmt: skip
+
+
 def states(s: optuna.Study) -> list[str]:
     return [t.state.name for t in s.trials]
 
@@ -102,19 +111,7 @@ def test_best_command_reruns_the_best_trial(
 ) -> None:
     """The saved experiment file composes to the best trial's values."""
     res = run_cli(
-        *sweep_args(
-            image_folder,
-            tmp_path,
-            "hydra/sweeper=conkd_optuna",
-            "stage=teacher",
-            "loss=ce",
-            "model=resnet18",
-            "hydra.sweeper.n_trials=2",
-            "hydra/sweeper/pruner=none",
-            "optimizer=adamw",
-            "optimizer.lr=interval(1e-4, 1e-2)",
-            "trainer.epochs=1",
-        )
+        *lr_sweep_args(image_folder, tmp_path, "hydra/sweeper/pruner=none", "trainer.epochs=1")
     )
     assert res.returncode == 0, res.stderr[-3000:]
     best = study(tmp_path).best_trial.params["optimizer.lr"]
@@ -242,21 +239,14 @@ def test_interrupted_sweep_resumes_to_requested_total(
 
 def test_parallel_trials_with_joblib(image_folder: Path, tmp_path: Path) -> None:
     res = run_cli(
-        *sweep_args(
+        *lr_sweep_args(
             image_folder,
             tmp_path,
-            "hydra/sweeper=conkd_optuna",
-            "stage=teacher",
-            "loss=ce",
-            "model=resnet18",
-            "optimizer=adamw",
-            "optimizer.lr=interval(1e-4, 1e-2)",
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
             "hydra.sweeper.n_jobs=2",
-            "hydra.sweeper.n_trials=2",
             "hydra.sweep.subdir=trial_${optuna.trial}",
-        )
+        )  # fmt: skip
     )
     assert res.returncode == 0, res.stderr[-3000:]
     s = study(tmp_path)
