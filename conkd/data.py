@@ -12,11 +12,15 @@ view (FKD-style) needs.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import urllib.error
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +31,9 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from conkd.errors import ConKDError
+
+if TYPE_CHECKING:  # conkd.decoded imports this module; the runtime imports are local
+    from conkd.decoded import DecodedArray, DecodedLoader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,6 +87,29 @@ class Source:
     test: Split
     #: True when the test split is an official held-out set rather than a split we drew.
     official_test: bool = True
+    #: Where the images come from (a folder, a URL), for the MLflow dataset input.
+    location: str = ""
+
+    @property
+    def identity(self) -> str:
+        """A short, stable name for *this* dataset (not its loader type): registered teachers
+        are named after it, so an Imagewoof run never picks up an Imagenette teacher."""
+        return self.name
+
+    def item_digest(self, split: Split) -> str:
+        """Digest of a split's items and labels: file paths (relative) and sizes, or pixels."""
+        h = hashlib.sha256()
+        base = Path(self.location) if self.location else None
+        for item, target in zip(split.items, split.targets):
+            if isinstance(item, np.ndarray):
+                h.update(item.tobytes())
+            else:
+                path = Path(item)
+                rel = path.relative_to(base) if base and path.is_relative_to(base) else path
+                size = path.stat().st_size if path.exists() else -1
+                h.update(f"{rel.as_posix()}:{size}".encode())
+            h.update(f":{target}\n".encode())
+        return h.hexdigest()
 
 
 def _image_folder_split(path: Path, verify: bool) -> tuple[list[str], Split]:
@@ -117,6 +147,14 @@ class ImageFolderSource(Source):
             raise ConKDError(
                 f"{base}/{train_dir} and {base}/{test_dir} have different class folders"
             )
+        self.location = str(base.resolve())
+
+    @property
+    def identity(self) -> str:
+        """``<folder name>-<digest of the class names>``, e.g. ``imagenette-1a2b3c4d``."""
+        classes = hashlib.sha256("\n".join(self.classes).encode()).hexdigest()[:8]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(self.location).name).strip("-") or "data"
+        return f"{slug}-{classes}"
 
 
 class ImagenetteSource(Source):
@@ -148,6 +186,7 @@ class ImagenetteSource(Source):
             check_images([p for s in samples for p, _ in s])
         self.train = Split([p for p, _ in samples[0]], [t for _, t in samples[0]], load_rgb)
         self.test = Split([p for p, _ in samples[1]], [t for _, t in samples[1]], load_rgb)
+        self.location = str(root_path.resolve())
 
 
 def _digit_image(pixels: np.ndarray) -> Image.Image:
@@ -174,6 +213,7 @@ class DigitsSource(Source):
             idx, test_size=test_fraction, random_state=split_seed, stratify=digits.target
         )
         self.classes = [str(c) for c in digits.target_names]
+        self.location = "sklearn.datasets.load_digits"
         self.train = Split(
             [images[i] for i in train_idx], digits.target[train_idx].tolist(), _digit_image
         )
@@ -284,6 +324,46 @@ class EpochSampler(Sampler):
         return ((self.epoch, i) for i in order)
 
 
+_DECODE_KEYS = {"enabled", "size", "dir", "workers", "verify", "progress"}
+
+
+def _decode_options(
+    decode: dict[str, Any] | None, image_size: int, crop: str
+) -> dict[str, Any] | None:
+    """``dataset.decode`` checked and completed (see :class:`DataModule`); None when off."""
+    if decode is None:
+        return None
+    options = dict(decode)
+    unknown = sorted(set(options) - _DECODE_KEYS)
+    if unknown:
+        raise ConKDError(
+            f"unknown dataset.decode keys {unknown}; expected some of {sorted(_DECODE_KEYS)}"
+        )
+    if not options.get("enabled", True):
+        return None
+    from conkd.decoded import default_decode_size
+
+    size = options.get("size")
+    if size is None:
+        size = default_decode_size(image_size, crop)
+    if int(size) < 8:
+        raise ConKDError(f"dataset.decode.size must be >= 8, got {size}")
+    directory = options.get("dir")
+    if not directory:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        directory = str(Path(cache) / "conkd" / "decoded")
+    workers = options.get("workers")
+    if workers is not None and int(workers) < 0:
+        raise ConKDError(f"dataset.decode.workers must be >= 0, got {workers}")
+    return {
+        "size": int(size),
+        "dir": str(directory),
+        "workers": None if workers is None else int(workers),
+        "verify": bool(options.get("verify", False)),
+        "progress": bool(options.get("progress", True)),
+    }
+
+
 def _split(targets: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split where every class can be represented, else a plain random one."""
     idx = np.arange(len(targets))
@@ -299,6 +379,25 @@ class DataModule:
     The validation split (for model selection) is a stratified ``val_fraction`` of the source's
     train split drawn with ``split_seed``; the source's test split is only used for the final
     evaluation of the best checkpoint.
+
+    ``decode`` switches to the decode-once pipeline (:mod:`conkd.decoded`): each split is decoded
+    once into a uint8 array on disk and batches are augmented with tensor ops on ``device``
+    (settable after construction, default CPU), because per-sample PIL decoding and augmentation
+    bound the step rate of small-image runs. Keys (all optional):
+
+    * ``enabled`` (default True when a dict is given): False keeps the PIL loaders;
+    * ``size``: decoded side length; None (default) means ``round(1.15 * image_size)`` for
+      ``resized`` crops (room for zoomed-in crops) and ``image_size`` for ``pad`` / ``none``
+      (the PIL path resizes to ``image_size`` first, so the pixels are the same), see
+      :func:`conkd.decoded.default_decode_size`;
+    * ``dir``: where arrays live (default ``$XDG_CACHE_HOME/conkd/decoded`` or
+      ``~/.cache/conkd/decoded``); they are keyed by the file list and size, so one folder
+      serves any number of datasets and runs;
+    * ``workers``: decoding processes for the one-time build (default ``num_workers``);
+    * ``verify``: also check each array's sha256 when opening it (reads the whole file);
+    * ``progress``: show a progress bar while decoding (default True).
+
+    Without ``decode`` (or with ``enabled: false``) the loaders are the PIL DataLoaders.
     """
 
     def __init__(
@@ -315,6 +414,7 @@ class DataModule:
         seed: int = 0,
         augment: dict[str, Any] | None = None,
         pin_memory: bool = False,
+        decode: dict[str, Any] | None = None,
     ) -> None:
         if image_size < 8:
             raise ConKDError(f"dataset.image_size must be >= 8, got {image_size}")
@@ -332,6 +432,7 @@ class DataModule:
         self.pin_memory = pin_memory
         self.seed = seed
         augment = dict(augment or {})
+        self.augment = augment
         self.classes = list(source.classes)
         train_tf = build_transforms(image_size, train=True, **augment)
         eval_tf = build_transforms(image_size, train=False, **augment)
@@ -346,6 +447,11 @@ class DataModule:
                 "lower dataset.batch_size"
             )
         self._train_sampler = EpochSampler(len(self.train), seed, shuffle=True)
+        #: Where decoded batches are augmented (the decode-once pipeline only; PIL batches are
+        #: made on the CPU and moved by the training loop).
+        self.device = torch.device("cpu")
+        self.decode = _decode_options(decode, image_size, augment.get("crop", "resized"))
+        self._decoded: dict[str, DecodedArray] = {}
 
     @property
     def num_classes(self) -> int:
@@ -362,15 +468,90 @@ class DataModule:
             persistent_workers=False,
         )
 
-    def train_loader(self, epoch: int) -> DataLoader:
+    def train_loader(self, epoch: int) -> Iterable:
         """Loader for one training epoch; drops the last incomplete batch (BatchNorm, SupCon)."""
+        if self.decode is not None:
+            return self._decoded_loader(self.train, "train", epoch, train=True)
         self._train_sampler.set_epoch(epoch)
         return self._loader(self.train, self._train_sampler, self.batch_size, drop_last=True)
 
-    def eval_loader(self, split: str) -> DataLoader:
+    def eval_loader(self, split: str) -> Iterable:
         dataset = {"val": self.val, "test": self.test}[split]
+        if self.decode is not None:
+            return self._decoded_loader(dataset, "test" if split == "test" else "train", 0, False)
         sampler = EpochSampler(len(dataset), self.seed, shuffle=False)
         return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
+
+    def pipeline(self) -> dict[str, Any]:
+        """What, besides the data, the seed and ``augment``, shapes the views a run sees: the
+        PIL path or the decode-once path at a given size. Views of the two differ (resized crops
+        are taken from the decoded image), so caches of per-view outputs must key on this."""
+        if self.decode is None:
+            return {"kind": "pil", "image_size": self.image_size}
+        from conkd.decoded import FORMAT_VERSION, RESIZE_METHOD
+
+        return {
+            "kind": "decoded",
+            "image_size": self.image_size,
+            "decode_size": self.decode["size"],
+            "resize": RESIZE_METHOD,
+            "format_version": FORMAT_VERSION,
+        }
+
+    def prepare(self) -> dict[str, Path]:
+        """Decode the source's train and test splits now (or find them decoded) instead of on
+        the first loader, printing the time and size; returns each array's folder. Does
+        nothing without ``decode``."""
+        if self.decode is None:
+            return {}
+        return {name: self._decoded_array(name).path for name in ("train", "test")}
+
+    def _decoded_array(self, name: str) -> DecodedArray:
+        """The decoded array of source split ``name`` (``train`` also serves validation)."""
+        if self.decode is None:
+            raise ConKDError("the decode-once pipeline is off (dataset.decode.enabled=false)")
+        if name not in self._decoded:
+            from conkd.decoded import DecodedArray
+
+            split = self.source.train if name == "train" else self.source.test
+            workers = self.decode["workers"]
+            decoded = DecodedArray.open(
+                split,
+                self.decode["size"],
+                self.decode["dir"],
+                self.source.item_digest(split),
+                name=f"{self.identity}-{name}",
+                workers=self.num_workers if workers is None else workers,
+                verify_hash=self.decode["verify"],
+                progress=self.decode["progress"],
+            )
+            shape = "x".join(str(d) for d in decoded.array.shape)
+            what = f"built in {decoded.seconds:.1f} s" if decoded.built else "reused"
+            print(
+                f"decoded {self.name} {name}: {shape} uint8, {decoded.nbytes / 2**20:.1f} MiB, "
+                f"{what} ({decoded.path})",
+                flush=True,
+            )
+            self._decoded[name] = decoded
+        return self._decoded[name]
+
+    def _decoded_loader(
+        self, dataset: AugmentedDataset, name: str, epoch: int, train: bool
+    ) -> DecodedLoader:
+        from conkd.decoded import BatchAugment, DecodedLoader
+
+        return DecodedLoader(
+            self._decoded_array(name).array,
+            dataset.indices,
+            dataset.targets,
+            BatchAugment(self.image_size, train=train, seed=self.seed, **self.augment),
+            epoch=epoch,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            seed=self.seed,
+            device=self.device,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -380,4 +561,27 @@ class DataModule:
             "train_size": len(self.train),
             "val_size": len(self.val),
             "test_size": len(self.test),
+        }
+
+    @property
+    def identity(self) -> str:
+        """The dataset's identity (see :attr:`Source.identity`)."""
+        return self.source.identity
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data a run saw: source, class names, a digest of the file list,
+        labels and the drawn train/val split, and the split sizes. Used for the MLflow dataset
+        input and as part of cache keys."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"classes": self.classes, "identity": self.identity}).encode())
+        h.update(self.source.item_digest(self.source.train).encode())
+        h.update(self.source.item_digest(self.source.test).encode())
+        h.update(json.dumps([[int(i) for i in s.indices] for s in (self.train, self.val)]).encode())
+        return {
+            "name": self.name,
+            "identity": self.identity,
+            "source": self.source.location or str(self.root),
+            "digest": h.hexdigest(),
+            "classes": list(self.classes),
+            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
         }

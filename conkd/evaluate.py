@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from conkd import checkpoint as ckpt_io
 from conkd import plots
@@ -19,6 +19,29 @@ from conkd.run import build, resolve_device
 log = logging.getLogger("conkd")
 
 
+def dataset_config(cfg: DictConfig, ckpt: Mapping[str, Any]) -> DictConfig:
+    """The dataset to evaluate on: ``dataset=...`` when given, else the one stored in the
+    checkpoint (the run's resolved config), optionally read from ``dataset_root``."""
+    if cfg.get("dataset") is not None:
+        return cfg.dataset
+    stored = (ckpt.get("config") or {}).get("dataset")
+    if not stored:
+        raise ConKDError(
+            f"checkpoint {cfg.ckpt_path} stores no dataset config; pass the dataset it was "
+            "trained on, e.g. dataset=imagefolder dataset.root=PATH"
+        )
+    dataset = OmegaConf.create(stored)
+    root = cfg.get("dataset_root") or dataset.get("root")
+    if root and not Path(root).expanduser().is_absolute() and not Path(root).exists():
+        root = str(Path(cfg.paths.root_dir) / root)  # relative to the project, as train.py ran
+    if root:
+        dataset.root = root
+        if "root" in dataset.get("source", {}):
+            dataset.source.root = root
+    log.info("dataset: %s (stored in the checkpoint)", dataset.get("name"))
+    return dataset
+
+
 def evaluate_checkpoint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> dict:
     """Top-1/top-5 and per-class accuracy of ``cfg.ckpt_path`` on ``cfg.split``; writes
     ``eval.json``, ``per_class.txt`` and ``confusion_matrix.png`` to the output dir."""
@@ -26,8 +49,9 @@ def evaluate_checkpoint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = N
         raise ConKDError(f"split must be val or test, got {cfg.split!r}")
     ckpt = ckpt_io.load_checkpoint(cfg.ckpt_path)
     model_cfg = ckpt["model"].get("network", ckpt["model"])
-    size = cfg.image_size or model_cfg.get("image_size") or cfg.dataset.image_size
-    data = build(cfg.dataset, "dataset", seed=cfg.seed, image_size=size)
+    dataset = dataset_config(cfg, ckpt)
+    size = cfg.image_size or model_cfg.get("image_size") or dataset.get("image_size")
+    data = build(dataset, "dataset", seed=cfg.seed, image_size=size)
     if model_cfg.get("num_classes") != data.num_classes:
         raise ConKDError(
             f"checkpoint {cfg.ckpt_path} predicts {model_cfg.get('num_classes')} classes but "

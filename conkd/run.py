@@ -1,7 +1,9 @@
 """One training run from a composed Hydra config: the only module that reads the config.
 
-It validates the config, builds every object with :func:`hydra.utils.instantiate`, hands plain
-objects to :func:`conkd.engine.fit`, tracks the run in MLflow and returns the objective for sweeps.
+A run reads as a table of contents: :func:`setup` validates the config and builds every object
+with :func:`hydra.utils.instantiate` into :class:`Parts`; :func:`conkd.engine.fit` trains them
+with callbacks (MLflow metrics, checkpoints, the sweep's pruner); :func:`finish` tests the best
+checkpoint, writes plots and artifacts and registers teachers. Returns the objective for sweeps.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +29,16 @@ from torch import nn
 
 from conkd import checkpoint as ckpt_io
 from conkd import plots
+from conkd.checkpoint import Checkpointer
 from conkd.data import DataModule
-from conkd.engine import evaluate, fit, freeze
+from conkd.engine import Callback, Job, Options, TrainState, evaluate, fit, online_teacher
 from conkd.errors import ConKDError
 from conkd.losses import Objective
 from conkd.models import Probe, model_summary
-from conkd.sweep import reporter_from_hydra
+from conkd.sweep import TrialReporter, reporter_from_hydra
+from conkd.teacher import AUTO, build_teacher, registry_name, resolve_checkpoint
 from conkd.tracking import (
     Tracker,
-    fetch_registered_checkpoint,
     flatten,
     log_model,
     prepare_store,
@@ -102,33 +106,6 @@ def model_spec(node: DictConfig, num_classes: int, image_size: int) -> dict[str,
     return spec
 
 
-def load_teacher(
-    cfg: DictConfig, data: DataModule, device: torch.device, tracking_uri: str
-) -> tuple[nn.Module, dict[str, str]]:
-    """The frozen teacher from ``teacher_ckpt`` (a path or ``models:/NAME@ALIAS``), checked
-    against ``model@teacher``. Returns it with tags that say where it came from."""
-    source = str(cfg.teacher_ckpt)
-    tags = {"teacher": source}
-    path = source
-    if source.startswith("models:/"):
-        fetched, run_id = fetch_registered_checkpoint(
-            source, tracking_uri, Path(cfg.paths.output_dir) / "teacher"
-        )
-        path = str(fetched)
-        tags["teacher.run_id"] = run_id
-    ckpt = ckpt_io.load_checkpoint(path)
-    if ckpt.get("run_id"):
-        tags.setdefault("teacher.run_id", ckpt["run_id"])
-    expected = model_spec(cfg.teacher, data.num_classes, data.image_size)
-    ckpt_io.check_compatible(ckpt["model"], expected, "teacher", source)
-    teacher = build(ckpt["model"], "teacher model")
-    try:
-        teacher.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise ConKDError(f"teacher checkpoint {source} does not fit its model: {err}") from err
-    return freeze(teacher.to(device)), tags
-
-
 def build_model(cfg: DictConfig, data: DataModule) -> tuple[nn.Module, dict[str, Any]]:
     """The network this run trains, and its spec for the checkpoint."""
     if cfg.stage != "probe":
@@ -174,16 +151,262 @@ def run_tags(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> dict[str, 
     return tags
 
 
-def run_name(cfg: DictConfig) -> str:
+def run_name(cfg: DictConfig, distils: bool = True) -> str:
     """Readable default run name, e.g. ``resnet18<-resnet101 lsd+supcon lion``."""
     optimizer = cfg.optimizer._target_.rsplit(".", 1)[-1].lower()
     arch = cfg.model.get("arch", "?")
     who = {"teacher": f"teacher {arch}", "student": f"{arch}<-{cfg.teacher.arch}"}.get(
         cfg.stage, f"probe {Path(str(cfg.probe.checkpoint)).parent.parent.name}"
     )
-    if cfg.stage == "student" and not cfg.teacher_ckpt:
+    if cfg.stage == "student" and not (distils and cfg.teacher_ckpt):
         who = arch
     return f"{who} {cfg.loss.name} {optimizer}"
+
+
+@dataclass
+class Parts:
+    """What :func:`setup` builds from the config: plain objects, no config below this point."""
+
+    job: Job
+    data: DataModule
+    spec: dict[str, Any]
+    tracker: Tracker
+    out_dir: Path
+    reporter: TrialReporter | None
+    teacher_tags: dict[str, str]
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def teacher_hint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> str:
+    """The command that trains a teacher for this run's data (for error messages)."""
+    data = [o for o in (hydra_cfg or {}).get("overrides", []) if o.startswith("dataset")]
+    return shlex.join(["python", "train.py", "experiment=teacher", *data])
+
+
+def load_teacher(
+    cfg: DictConfig, data: DataModule, tracking_uri: str, hint: str
+) -> tuple[nn.Module, dict[str, str]]:
+    """The frozen teacher named by ``teacher_ckpt`` (path, ``models:/...`` or ``auto``),
+    checked against ``model@teacher`` and the dataset's classes; returns it with its tags."""
+    found = resolve_checkpoint(
+        cfg.teacher_ckpt,
+        data.identity,
+        tracking_uri if cfg.mlflow.enabled else None,
+        Path(cfg.paths.output_dir) / "teacher",
+        hint,
+    )
+    expected = model_spec(cfg.teacher, data.num_classes, data.image_size)
+    teacher = build_teacher(found, expected, data.classes, hint)
+    log.info("teacher: %s%s", found.source, " (teacher_ckpt=auto)" if found.auto else "")
+    return teacher, found.tags
+
+
+def build_objective(cfg: DictConfig) -> Objective:
+    objective = Objective(build(cfg.loss.terms, "loss"))
+    if objective.needs_teacher and cfg.stage != "student":
+        raise ConKDError(f"loss={cfg.loss.name} distils from a teacher; use it in stage=student")
+    if objective.needs_teacher and not cfg.teacher_ckpt:
+        raise ConKDError(
+            f"loss={cfg.loss.name} distils from a teacher: set teacher_ckpt=auto (the dataset's "
+            "registered teacher) or teacher_ckpt=PATH to a checkpoint written by "
+            "`python train.py experiment=teacher`"
+        )
+    return objective
+
+
+def build_optimization(
+    cfg: DictConfig, model: nn.Module, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        optimizer = build(cfg.optimizer, "optimizer")(params)
+    except (ValueError, AssertionError) as err:
+        raise ConKDError(f"invalid optimizer config: {err or 'assertion failed'}") from err
+    scheduler = None
+    if cfg.scheduler is not None:
+        scheduler = build(cfg.scheduler, "scheduler")(
+            optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs
+        )
+    return optimizer, scheduler
+
+
+def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
+    """Validate the config and build data, networks, teacher, optimizer and tracker."""
+    validate(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    out_dir = Path(cfg.paths.output_dir)
+    for name in ("best.pt", "last.pt"):
+        if (out_dir / "checkpoints" / name).exists():
+            raise ConKDError(
+                f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run; "
+                "choose another hydra.run.dir so they are not overwritten"
+            )
+    tracking_uri, artifact_location = resolve_store(cfg.paths.root_dir, cfg.mlflow.tracking_uri)
+    if cfg.mlflow.enabled:
+        prepare_store(tracking_uri)
+
+    objective = build_objective(cfg)
+    data: DataModule = build(cfg.dataset, "dataset", seed=cfg.seed)
+    model, spec = build_model(cfg, data)
+    teacher, teacher_tags = None, {}
+    if objective.needs_teacher:
+        hint = teacher_hint(cfg, hydra_cfg)
+        teacher, teacher_tags = load_teacher(cfg, data, tracking_uri, hint)
+    if objective.inputs - {"logits", "embedding"} and getattr(model, "projector", None) is None:
+        raise ConKDError(
+            f"loss={cfg.loss.name} reads the projection, but the model has none; "
+            "set model.projection_dim (e.g. 128)"
+        )
+    memory = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory)
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=memory)
+
+    steps_per_epoch = len(data.train) // data.batch_size
+    if cfg.trainer.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
+    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
+    options = Options(
+        epochs=cfg.trainer.epochs,
+        num_classes=data.num_classes,
+        monitor=cfg.objective,
+        mode=cfg.objective_mode,
+        precision=cfg.trainer.precision,
+        channels_last=cfg.trainer.channels_last,
+        max_steps=cfg.trainer.max_steps_per_epoch,
+        grad_clip=cfg.trainer.grad_clip,
+        progress=cfg.trainer.progress,
+    )
+    teacher_fn = online_teacher(teacher) if teacher is not None else None
+    job = Job(model, objective, optimizer, scheduler, device, options, teacher_fn)
+    tracker = Tracker(
+        enabled=cfg.mlflow.enabled,
+        tracking_uri=tracking_uri,
+        experiment_name=cfg.mlflow.experiment_name,
+        run_name=cfg.mlflow.run_name or run_name(cfg, objective.needs_teacher),
+        artifact_location=artifact_location,
+        parent_run_id=sweep_parent_run_id(hydra_cfg and hydra_cfg.get("sweep_dir")),
+        tags={**run_tags(cfg, hydra_cfg), **teacher_tags},
+    )
+    reporter = reporter_from_hydra(cfg, hydra_cfg and hydra_cfg.get("sweeper"))
+    return Parts(job, data, spec, tracker, out_dir, reporter, teacher_tags)
+
+
+def record_start(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
+    """Params, dataset input and ``config.yaml`` of a started run; returns the resolved config."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    tracker, data = parts.tracker, parts.data
+    tracker.log_params(flatten(resolved))
+    tracker.log_params({f"model.{k}": v for k, v in model_summary(parts.job.model).items()})
+    tracker.log_params({f"data.{k}": v for k, v in data.describe().items()})
+    tracker.log_dataset(data.fingerprint())
+    parts.out_dir.mkdir(parents=True, exist_ok=True)
+    (parts.out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    log.info(
+        "stage=%s model=%s teacher=%s loss=%s optimizer=%s device=%s data=%s",
+        cfg.stage,
+        parts.spec.get("arch", "probe"),
+        parts.teacher_tags.get("teacher"),
+        cfg.loss.name,
+        cfg.optimizer._target_,
+        parts.job.device,
+        data.describe(),
+    )
+    return resolved
+
+
+def callbacks(cfg: DictConfig, parts: Parts, resolved: dict[str, Any]) -> list[Callback]:
+    """Per-epoch work around the loop: metrics to MLflow, checkpoints, the sweep's pruner."""
+    checkpointer = Checkpointer(
+        parts.ckpt_dir,
+        parts.job.model,
+        parts.spec,
+        classes=parts.data.classes,
+        stage=cfg.stage,
+        config=resolved,
+        run_id=parts.tracker.run_id,
+    )
+    return [parts.tracker, checkpointer, *([parts.reporter] if parts.reporter else [])]
+
+
+def test_best(cfg: DictConfig, parts: Parts) -> tuple[dict[str, float], Any]:
+    """Test the best checkpoint, not the last epoch's weights."""
+    model, opts = parts.job.model, parts.job.options
+    best = ckpt_io.load_checkpoint(parts.ckpt_dir / "best.pt")
+    model.load_state_dict(best["state_dict"])
+    return evaluate(
+        model,
+        parts.data.eval_loader("test"),
+        parts.job.device,
+        opts.num_classes,
+        precision=opts.precision,
+        channels_last=opts.channels_last,
+        prefix="test",
+        progress=opts.progress,
+    )
+
+
+def finish(cfg: DictConfig, parts: Parts, state: TrainState) -> float:
+    """Test, write the summary, plots and artifacts, register teachers; returns the objective."""
+    tracker, out_dir, best = parts.tracker, parts.out_dir, state.best
+    test, confusion = test_best(cfg, parts)
+    value = float(best[cfg.objective])
+    summary = {**test, "best/epoch": best["epoch"], f"best/{cfg.objective}": value}
+    summary["objective"] = value
+    if parts.reporter is not None and parts.reporter.pruned:
+        tracker.set_tags({"pruned": "true"})
+    tracker.log_metrics(summary, step=cfg.trainer.epochs)
+    meta = {"stage": cfg.stage, "run_id": tracker.run_id, "run_name": tracker.run_name}
+    (out_dir / "metrics.json").write_text(json.dumps({**meta, **summary}, indent=2))
+    classes = parts.data.classes
+    (out_dir / "per_class.txt").write_text(plots.per_class_table(confusion, classes))
+    plots.learning_curves(state.history, out_dir / "learning_curves.png")
+    title = f"test confusion, top-1 {test['test/top1']:.2f}%"
+    plots.confusion_matrix(confusion, classes, out_dir / "confusion_matrix.png", title)
+    for name in ARTIFACTS:
+        tracker.log_artifact(out_dir / name)
+    tracker.log_artifact(out_dir / ".hydra", "hydra")
+    publish_model(cfg, parts)
+    log.info(
+        "done: best val top1 %.2f (epoch %d), test top1 %.2f top5 %.2f; checkpoints in %s",
+        best["val/top1"],
+        best["epoch"] + 1,
+        test["test/top1"],
+        test["test/top5"],
+        parts.ckpt_dir,
+    )
+    return value
+
+
+ARTIFACTS = (
+    "config.yaml",
+    "metrics.json",
+    "per_class.txt",
+    "learning_curves.png",
+    "confusion_matrix.png",
+)
+
+
+def publish_model(cfg: DictConfig, parts: Parts) -> None:
+    """Best checkpoint and network to MLflow; a teacher is registered under its dataset."""
+    register = cfg.mlflow.register if cfg.stage == "teacher" else None
+    name = alias = None
+    if register:
+        name = register.name
+        if name in (None, AUTO):
+            name = registry_name(parts.data.identity)
+        alias = register.alias
+    if cfg.mlflow.log_checkpoint or register:
+        parts.tracker.log_artifact(parts.ckpt_dir / "best.pt", "checkpoints")
+    if cfg.mlflow.log_model or register:
+        version = log_model(parts.tracker, parts.job.model.cpu(), name, alias)
+        if version:
+            log.info("registered models:/%s@%s (version %s)", name, alias, version)
 
 
 def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
@@ -191,200 +414,15 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
 
     ``hydra_cfg`` carries the job's overrides and output dir when run under Hydra.
     """
-    validate(cfg)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
-    out_dir = Path(cfg.paths.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    if (ckpt_dir / "best.pt").exists() or (ckpt_dir / "last.pt").exists():
-        raise ConKDError(
-            f"{ckpt_dir} already holds checkpoints of an earlier run; choose another "
-            "hydra.run.dir so they are not overwritten"
-        )
-
-    tracking_uri, artifact_location = resolve_store(cfg.paths.root_dir, cfg.mlflow.tracking_uri)
-    if cfg.mlflow.enabled:
-        prepare_store(tracking_uri)
-
-    objective = Objective(build(cfg.loss.terms, "loss"))
-    if objective.needs_teacher and cfg.stage != "student":
-        raise ConKDError(f"loss={cfg.loss.name} distils from a teacher; use it in stage=student")
-    if objective.needs_teacher and not cfg.teacher_ckpt:
-        raise ConKDError(
-            f"loss={cfg.loss.name} distils from a teacher: set teacher_ckpt=PATH to a checkpoint "
-            "written by `python train.py experiment=teacher`"
-        )
-
-    data: DataModule = build(cfg.dataset, "dataset", seed=cfg.seed)
-    model, spec = build_model(cfg, data)
-    teacher, teacher_tags = None, {}
-    if objective.needs_teacher:
-        teacher, teacher_tags = load_teacher(cfg, data, device, tracking_uri)
-    missing = objective.inputs - {"logits", "embedding"}
-    if missing and getattr(model, "projector", None) is None:
-        raise ConKDError(
-            f"loss={cfg.loss.name} reads the projection, but the model has none; "
-            "set model.projection_dim (e.g. 128)"
-        )
-    model = model.to(device)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher = teacher.to(memory_format=torch.channels_last)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        optimizer = build(cfg.optimizer, "optimizer")(params)
-    except (ValueError, AssertionError) as err:
-        raise ConKDError(f"invalid optimizer config: {err or 'assertion failed'}") from err
-    steps_per_epoch = len(data.train) // data.batch_size
-    if cfg.trainer.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
-    scheduler = None
-    if cfg.scheduler is not None:
-        scheduler = build(cfg.scheduler, "scheduler")(
-            optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs
-        )
-
-    tags = {**run_tags(cfg, hydra_cfg), **teacher_tags}
-    tracker = Tracker(
-        enabled=cfg.mlflow.enabled,
-        tracking_uri=tracking_uri,
-        experiment_name=cfg.mlflow.experiment_name,
-        run_name=cfg.mlflow.run_name or run_name(cfg),
-        artifact_location=artifact_location,
-        parent_run_id=sweep_parent_run_id(hydra_cfg and hydra_cfg.get("sweep_dir")),
-        tags=tags,
-    )
-    with tracker:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        tracker.log_params(flatten(resolved))
-        tracker.log_params({f"model.{k}": v for k, v in model_summary(model).items()})
-        tracker.log_params({f"data.{k}": v for k, v in data.describe().items()})
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        log.info(
-            "stage=%s model=%s teacher=%s loss=%s optimizer=%s device=%s data=%s",
-            cfg.stage,
-            spec.get("arch", "probe"),
-            teacher_tags.get("teacher"),
-            cfg.loss.name,
-            cfg.optimizer._target_,
-            device,
-            data.describe(),
-        )
-
-        history: list[dict[str, float]] = []
-        extra = {
-            "classes": data.classes,
-            "stage": cfg.stage,
-            "config": resolved,
-            "run_id": tracker.run_id,
-        }
-
-        reporter = reporter_from_hydra(cfg, hydra_cfg and hydra_cfg.get("sweeper"))
-
-        def on_epoch_end(epoch: int, metrics: Mapping[str, float], is_best: bool) -> bool:
-            history.append(dict(metrics))
-            tracker.log_metrics(metrics, step=epoch)
-            ckpt_io.save_checkpoint(
-                ckpt_dir / "last.pt", model, spec, epoch=epoch, metrics=dict(metrics), **extra
-            )
-            if is_best:
-                ckpt_io.save_checkpoint(
-                    ckpt_dir / "best.pt", model, spec, epoch=epoch, metrics=dict(metrics), **extra
-                )
-            return reporter is not None and reporter.report(metrics[cfg.objective], epoch)
-
-        best = fit(
-            model,
-            teacher,
-            objective,
-            data.train_loader,
-            data.eval_loader("val"),
-            optimizer,
-            scheduler,
-            device,
-            cfg.trainer.epochs,
-            data.num_classes,
-            monitor=cfg.objective,
-            mode=cfg.objective_mode,
-            on_epoch_end=on_epoch_end,
-            precision=cfg.trainer.precision,
-            channels_last=cfg.trainer.channels_last,
-            max_steps=cfg.trainer.max_steps_per_epoch,
-            grad_clip=cfg.trainer.grad_clip,
-            progress=cfg.trainer.progress,
+    parts = setup(cfg, hydra_cfg)
+    with parts.tracker:
+        resolved = record_start(cfg, parts)
+        state = fit(
+            parts.job,
+            parts.data.train_loader,
+            parts.data.eval_loader("val"),
+            TrainState(),
+            callbacks(cfg, parts, resolved),
             log=log.info,
         )
-
-        # Test the best checkpoint, not the last epoch's weights.
-        model.load_state_dict(ckpt_io.load_checkpoint(ckpt_dir / "best.pt")["state_dict"])
-        test, confusion = evaluate(
-            model,
-            data.eval_loader("test"),
-            device,
-            data.num_classes,
-            precision=cfg.trainer.precision,
-            channels_last=cfg.trainer.channels_last,
-            prefix="test",
-            progress=cfg.trainer.progress,
-        )
-        value = float(best[cfg.objective])
-        summary = {
-            **test,
-            "best/epoch": best["epoch"],
-            f"best/{cfg.objective}": value,
-            "objective": value,
-        }
-        if reporter is not None and reporter.pruned:
-            tracker.set_tags({"pruned": "true"})
-        tracker.log_metrics(summary, step=cfg.trainer.epochs)
-        (out_dir / "metrics.json").write_text(
-            json.dumps(
-                {
-                    "stage": cfg.stage,
-                    "run_id": tracker.run_id,
-                    "run_name": tracker.run_name,
-                    **summary,
-                },
-                indent=2,
-            )
-        )
-        (out_dir / "per_class.txt").write_text(plots.per_class_table(confusion, data.classes))
-        plots.learning_curves(history, out_dir / "learning_curves.png")
-        plots.confusion_matrix(
-            confusion,
-            data.classes,
-            out_dir / "confusion_matrix.png",
-            f"test confusion, top-1 {test['test/top1']:.2f}%",
-        )
-        for name in (
-            "config.yaml",
-            "metrics.json",
-            "per_class.txt",
-            "learning_curves.png",
-            "confusion_matrix.png",
-        ):
-            tracker.log_artifact(out_dir / name)
-        tracker.log_artifact(out_dir / ".hydra", "hydra")
-        register = cfg.mlflow.register if cfg.stage == "teacher" else None
-        if cfg.mlflow.log_checkpoint or register:
-            tracker.log_artifact(ckpt_dir / "best.pt", "checkpoints")
-        if cfg.mlflow.log_model or register:
-            version = log_model(
-                tracker, model.cpu(), register and register.name, register and register.alias
-            )
-            if version:
-                log.info(
-                    "registered models:/%s@%s (version %s)", register.name, register.alias, version
-                )
-        log.info(
-            "done: best val top1 %.2f (epoch %d), test top1 %.2f top5 %.2f; checkpoints in %s",
-            best["val/top1"],
-            best["epoch"] + 1,
-            test["test/top1"],
-            test["test/top5"],
-            ckpt_dir,
-        )
-    return value
+        return finish(cfg, parts, state)

@@ -32,8 +32,17 @@ TRIAL_KEY = "optuna.trial"
 class TrialReporter:
     """Reports one job's per-epoch objective to its Optuna trial and applies the pruner."""
 
-    def __init__(self, study_name: str, storage: str, trial_number: int, pruner: Any) -> None:
+    def __init__(
+        self,
+        study_name: str,
+        storage: str,
+        trial_number: int,
+        pruner: Any,
+        monitor: str = "val/top1",
+    ) -> None:
         import optuna
+
+        self.monitor = monitor
 
         self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
         self._storage = self.study._storage
@@ -52,6 +61,10 @@ class TrialReporter:
             self.pruned = True
             self._storage.set_trial_system_attr(self.trial._trial_id, PRUNED_ATTR, True)
         return self.pruned
+
+    def on_epoch_end(self, state: Any, metrics: Any, is_best: bool) -> bool:
+        """Training callback: report the monitored metric; True stops a pruned trial."""
+        return self.report(metrics[self.monitor], state.epoch - 1)
 
 
 def reporter_from_hydra(cfg: DictConfig, hydra_sweeper: Any) -> TrialReporter | None:
@@ -79,7 +92,7 @@ def reporter_from_hydra(cfg: DictConfig, hydra_sweeper: Any) -> TrialReporter | 
         import optuna
 
         pruner = optuna.pruners.NopPruner()
-    return TrialReporter(study, storage, int(trial), pruner)
+    return TrialReporter(study, storage, int(trial), pruner, monitor=cfg.objective)
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,6 +228,30 @@ class Tracker:
         for i in range(0, len(items), 1000):
             with_retry(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
+    def log_dataset(self, fingerprint: Mapping[str, Any], context: str = "training") -> None:
+        """Record the run's data as an MLflow dataset input (the runs table's Dataset column):
+        name, source, a digest of its file list and split, and sizes as the profile."""
+        if not self.enabled:
+            return
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=str(fingerprint["identity"]),
+            digest=str(fingerprint["digest"])[:36],
+            source_type="local",
+            source=json.dumps({"uri": str(fingerprint["source"])}),
+            schema=json.dumps({"classes": list(fingerprint["classes"])}),
+            profile=json.dumps(fingerprint["sizes"]),
+        )
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        with_retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
+        """Training callback: the epoch's metrics at ``step=epoch``."""
+        self.log_metrics(metrics, step=state.epoch - 1)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled:
             return

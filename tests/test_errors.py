@@ -40,7 +40,19 @@ def test_bad_hyperparameters(compose_cfg, tiny, override: str, match: str) -> No
 
 
 def test_student_loss_without_teacher(compose_cfg, tiny) -> None:
-    expect_error(compose_cfg, ["loss=lsd+supcon", *tiny], r"set teacher_ckpt=PATH")
+    expect_error(compose_cfg, ["loss=lsd+supcon", "teacher_ckpt=null", *tiny], r"teacher_ckpt=PATH")
+
+
+def test_auto_teacher_none_registered(compose_cfg, tiny) -> None:
+    """The default teacher_ckpt=auto in a store with no teacher for this dataset."""
+    msg = expect_error(compose_cfg, ["loss=lsd+supcon", *tiny], r"no teacher is registered")
+    assert "experiment=teacher" in msg and "models:/conkd-teacher-data-" in msg
+
+
+def test_auto_teacher_without_tracking(compose_cfg, tiny) -> None:
+    expect_error(
+        compose_cfg, ["loss=lsd+supcon", *tiny, "mlflow.enabled=false"], r"mlflow.enabled=false"
+    )
 
 
 def test_teacher_checkpoint_missing(compose_cfg, tiny, tmp_path: Path) -> None:
