@@ -29,6 +29,30 @@ from conkd.tracking import (
 log = logging.getLogger("conkd")
 
 
+def swept_keys(config: DictConfig) -> list[str]:
+    """Config keys a multirun varies: the sweeper's search space and comma-list overrides."""
+    keys = list((config.hydra.sweeper.get("params") or {}).keys())
+    for o in config.hydra.overrides.task:
+        key, _, value = o.partition("=")
+        if "," in value or value.startswith(("choice(", "range(", "interval(", "tag(", "glob(")):
+            keys.append(key)
+    return keys
+
+
+def warn_cache_key_sweep(config: DictConfig) -> None:
+    """Say in one line when the sweep varies what the teacher cache is keyed by: each value
+    then computes its own teacher outputs instead of sharing one cache."""
+    from conkd.teacher import varying_cache_fields
+
+    varied = varying_cache_fields(swept_keys(config))
+    if varied and config.get("teacher_cache", {}).get("enabled") is not False:
+        log.warning(
+            "teacher cache: this sweep varies %s, which the cached teacher outputs depend on; "
+            "each value builds its own cache",
+            ", ".join(varied),
+        )
+
+
 class MLflowSweepCallback(Callback):
     """Creates the parent run before any job starts and fills in the summary at the end."""
 
@@ -37,6 +61,7 @@ class MLflowSweepCallback(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        warn_cache_key_sweep(config)
         if not config.mlflow.enabled:
             return
         import mlflow

@@ -472,8 +472,9 @@ class DataModule:
         """Loader for one training epoch; drops the last incomplete batch (BatchNorm, SupCon)."""
         if self.decode is not None:
             return self._decoded_loader(self.train, "train", epoch, train=True)
-        self._train_sampler.set_epoch(epoch)
-        return self._loader(self.train, self._train_sampler, self.batch_size, drop_last=True)
+        sampler = EpochSampler(len(self.train), self.seed, shuffle=True)  # one per loader: a
+        sampler.set_epoch(epoch)  # loader made earlier keeps its epoch's order
+        return self._loader(self.train, sampler, self.batch_size, drop_last=True)
 
     def eval_loader(self, split: str) -> Iterable:
         dataset = {"val": self.val, "test": self.test}[split]

@@ -232,6 +232,11 @@ class Objective(nn.Module):
     def inputs(self) -> set[str]:
         return {t.input for t in self.terms.values()}
 
+    @property
+    def teacher_inputs(self) -> list[str]:
+        """The teacher outputs the terms read (what a teacher cache must hold)."""
+        return sorted({t.input for t in self.terms.values() if t.needs_teacher})
+
     def forward(
         self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None, labels: Tensor
     ) -> dict[str, Tensor]:

@@ -31,12 +31,29 @@ from conkd import checkpoint as ckpt_io
 from conkd import plots
 from conkd.checkpoint import Checkpointer
 from conkd.data import DataModule
-from conkd.engine import Callback, Job, Options, TrainState, evaluate, fit, online_teacher
+from conkd.engine import (
+    Callback,
+    Job,
+    Options,
+    TeacherFn,
+    TrainState,
+    evaluate,
+    fit,
+    online_teacher,
+)
 from conkd.errors import ConKDError
 from conkd.losses import Objective
 from conkd.models import Probe, model_summary
 from conkd.sweep import TrialReporter, reporter_from_hydra
-from conkd.teacher import AUTO, build_teacher, registry_name, resolve_checkpoint
+from conkd.teacher import (
+    AUTO,
+    TeacherSource,
+    build_teacher,
+    check_teacher,
+    registry_name,
+    resolve_checkpoint,
+)
+from conkd.teacher_cache import TeacherCache, state_dict_digest
 from conkd.tracking import (
     Tracker,
     flatten,
@@ -174,6 +191,7 @@ class Parts:
     out_dir: Path
     reporter: TrialReporter | None
     teacher_tags: dict[str, str]
+    setup_metrics: dict[str, float]
 
     @property
     def ckpt_dir(self) -> Path:
@@ -186,11 +204,17 @@ def teacher_hint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> str:
     return shlex.join(["python", "train.py", "experiment=teacher", *data])
 
 
-def load_teacher(
-    cfg: DictConfig, data: DataModule, tracking_uri: str, hint: str
-) -> tuple[nn.Module, dict[str, str]]:
-    """The frozen teacher named by ``teacher_ckpt`` (path, ``models:/...`` or ``auto``),
-    checked against ``model@teacher`` and the dataset's classes; returns it with its tags."""
+def teacher_function(
+    cfg: DictConfig,
+    data: DataModule,
+    objective: Objective,
+    device: torch.device,
+    tracking_uri: str,
+    hint: str,
+) -> tuple[TeacherFn, dict[str, str], dict[str, float]]:
+    """The loop's teacher: the cache of its outputs per augmented view (built now if missing,
+    the network is then never loaded again) or the online frozen network. Returns it with the
+    run's teacher tags and the cache's size / build-time metrics."""
     found = resolve_checkpoint(
         cfg.teacher_ckpt,
         data.identity,
@@ -199,9 +223,92 @@ def load_teacher(
         hint,
     )
     expected = model_spec(cfg.teacher, data.num_classes, data.image_size)
-    teacher = build_teacher(found, expected, data.classes, hint)
+    check_teacher(found, expected, data.classes, hint)
     log.info("teacher: %s%s", found.source, " (teacher_ckpt=auto)" if found.auto else "")
-    return teacher, found.tags
+    memory = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+
+    def network() -> nn.Module:
+        return build_teacher(found).to(device, memory_format=memory)
+
+    outputs = objective.teacher_inputs
+    fields = cache_fields(cfg, data, found, outputs)
+    size_gb = estimate_cache_bytes(cfg, data, expected, outputs) / 1e9
+    if not use_cache(cfg.teacher_cache.enabled, size_gb, cfg.teacher_cache.max_gb):
+        return online_teacher(network()), {**found.tags, "teacher.cache": "off"}, {}
+    cache, built = TeacherCache.ensure(
+        Path(cfg.teacher_cache.dir),
+        fields,
+        lambda directory: TeacherCache.build(
+            directory,
+            network(),
+            data.train_loader,
+            data.eval_loader("val"),
+            epochs=cfg.trainer.epochs,
+            max_steps=cfg.trainer.max_steps_per_epoch,
+            outputs=outputs,
+            n_train=len(data.train),
+            n_val=len(data.val),
+            device=device,
+            precision=cfg.trainer.precision,
+            channels_last=cfg.trainer.channels_last,
+            fields=fields,
+            progress=cfg.trainer.progress,
+        ),
+    )
+    what = f"built in {cache.build_seconds:.1f} s" if built else "reused"
+    log.info("teacher cache: %s (%s, %.1f MB)", cache.directory, what, cache.size_bytes / 2**20)
+    tags = {**found.tags, "teacher.cache": str(cache.directory), "teacher.cache_built": str(built)}
+    metrics = {"teacher_cache/size_mb": cache.size_bytes / 2**20}
+    if built:
+        metrics["teacher_cache/build_s"] = cache.build_seconds
+    return cache, tags, metrics
+
+
+def cache_fields(
+    cfg: DictConfig, data: DataModule, found: TeacherSource, outputs: list[str]
+) -> dict[str, Any]:
+    """Everything the cached teacher outputs depend on (the cache's key)."""
+    return {
+        "teacher_weights": state_dict_digest(found.checkpoint["state_dict"]),
+        "teacher_model": found.checkpoint["model"],
+        "data": data.fingerprint()["digest"],
+        "pipeline": data.pipeline(),
+        "augment": OmegaConf.to_container(cfg.dataset.augment, resolve=True),
+        "batch_size": data.batch_size,
+        "seed": cfg.seed,
+        "epochs": cfg.trainer.epochs,
+        "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch,
+        "precision": cfg.trainer.precision,
+        "channels_last": cfg.trainer.channels_last,
+        "outputs": outputs,
+    }
+
+
+def estimate_cache_bytes(
+    cfg: DictConfig, data: DataModule, spec: Mapping[str, Any], outputs: list[str]
+) -> int:
+    """fp16 bytes of a cache: one row per (epoch, sample seen) and validation sample."""
+    dims = {"logits": data.num_classes, "projection": spec.get("projection_dim") or 128}
+    width = sum(dims.get(o, 2048) for o in outputs)  # embeddings: at most a ResNet-50's 2048
+    seen = len(data.train)
+    if cfg.trainer.max_steps_per_epoch:
+        seen = min(seen, cfg.trainer.max_steps_per_epoch * data.batch_size)
+    return 2 * width * (cfg.trainer.epochs * seen + len(data.val))
+
+
+def use_cache(enabled: Any, size_gb: float, max_gb: float) -> bool:
+    """``teacher_cache.enabled``: true, false, or auto (on while the cache fits ``max_gb``)."""
+    if enabled == "auto":
+        if size_gb > max_gb:
+            log.info(
+                "teacher cache off: it would take %.1f GB > teacher_cache.max_gb=%s",
+                size_gb,
+                max_gb,
+            )
+        return size_gb <= max_gb
+    if isinstance(enabled, bool):
+        return enabled
+    raise ConKDError(f"teacher_cache.enabled must be auto, true or false, got {enabled!r}")
 
 
 def build_objective(cfg: DictConfig) -> Objective:
@@ -251,11 +358,15 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
 
     objective = build_objective(cfg)
     data: DataModule = build(cfg.dataset, "dataset", seed=cfg.seed)
+    data.device = device  # decode-once batches are augmented where the model trains
+    data.prepare()
     model, spec = build_model(cfg, data)
-    teacher, teacher_tags = None, {}
+    teacher_fn, teacher_tags, cache_metrics = None, {}, {}
     if objective.needs_teacher:
         hint = teacher_hint(cfg, hydra_cfg)
-        teacher, teacher_tags = load_teacher(cfg, data, tracking_uri, hint)
+        teacher_fn, teacher_tags, cache_metrics = teacher_function(
+            cfg, data, objective, device, tracking_uri, hint
+        )
     if objective.inputs - {"logits", "embedding"} and getattr(model, "projector", None) is None:
         raise ConKDError(
             f"loss={cfg.loss.name} reads the projection, but the model has none; "
@@ -263,8 +374,8 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
         )
     memory = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory)
-    if teacher is not None:
-        teacher = teacher.to(device, memory_format=memory)
+    if cfg.trainer.compile:
+        model.compile()  # in place: state_dict keys and checkpoints stay as without it
 
     steps_per_epoch = len(data.train) // data.batch_size
     if cfg.trainer.max_steps_per_epoch:
@@ -281,7 +392,6 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
         grad_clip=cfg.trainer.grad_clip,
         progress=cfg.trainer.progress,
     )
-    teacher_fn = online_teacher(teacher) if teacher is not None else None
     job = Job(model, objective, optimizer, scheduler, device, options, teacher_fn)
     tracker = Tracker(
         enabled=cfg.mlflow.enabled,
@@ -293,7 +403,7 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
         tags={**run_tags(cfg, hydra_cfg), **teacher_tags},
     )
     reporter = reporter_from_hydra(cfg, hydra_cfg and hydra_cfg.get("sweeper"))
-    return Parts(job, data, spec, tracker, out_dir, reporter, teacher_tags)
+    return Parts(job, data, spec, tracker, out_dir, reporter, teacher_tags, cache_metrics)
 
 
 def record_start(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
@@ -305,6 +415,7 @@ def record_start(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
     tracker.log_params({f"model.{k}": v for k, v in model_summary(parts.job.model).items()})
     tracker.log_params({f"data.{k}": v for k, v in data.describe().items()})
     tracker.log_dataset(data.fingerprint())
+    tracker.log_metrics(parts.setup_metrics)
     parts.out_dir.mkdir(parents=True, exist_ok=True)
     (parts.out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     log.info(

@@ -90,14 +90,18 @@ def resolve_checkpoint(
     return TeacherSource(requested, source, ckpt, tags)
 
 
-def build_teacher(
+def check_teacher(
     found: TeacherSource, expected: dict[str, Any], classes: list[str], train_hint: str
-) -> nn.Module:
-    """The teacher network, after checking its architecture, class count and class names."""
+) -> None:
+    """The teacher checkpoint's architecture, class count and class names match this run."""
     hint = "choose the matching model@teacher or checkpoint"
     if found.auto:
         hint = f"train a matching teacher: {train_hint}"
     ckpt_io.check_compatible(found.checkpoint, expected, classes, "teacher", found.source, hint)
+
+
+def build_teacher(found: TeacherSource) -> nn.Module:
+    """The teacher network with its weights, frozen by the caller (checked beforehand)."""
     model = ckpt_io.instantiate_model(found.checkpoint["model"], "teacher model")
     try:
         model.load_state_dict(found.checkpoint["state_dict"])
@@ -106,3 +110,36 @@ def build_teacher(
             f"teacher checkpoint {found.source} does not fit its model: {err}"
         ) from err
     return model
+
+
+#: Config keys (and prefixes) that determine the cached teacher outputs (see
+#: :func:`conkd.run.teacher_function`); a sweep that varies one builds a cache per value.
+CACHE_KEY_FIELDS = (
+    "seed",
+    "teacher_ckpt",
+    "teacher.",
+    "model@teacher",
+    "dataset",
+    "trainer.epochs",
+    "trainer.max_steps_per_epoch",
+    "trainer.precision",
+    "trainer.channels_last",
+)
+#: Dataset keys that do not change a single teacher output.
+_NOT_KEY_FIELDS = ("dataset.num_workers", "dataset.eval_batch_size", "dataset.pin_memory")
+
+
+def varying_cache_fields(swept: list[str]) -> list[str]:
+    """Those of the swept config keys that are part of the teacher cache's key."""
+
+    def is_key(name: str) -> bool:
+        if name.startswith(_NOT_KEY_FIELDS) or name.startswith("dataset.decode.dir"):
+            return False
+        return any(
+            name == f
+            or name.startswith(f if f.endswith(".") else f + ".")
+            or (f.endswith(".") and name.startswith(f))
+            for f in CACHE_KEY_FIELDS
+        ) or name in ("dataset",)
+
+    return sorted({k.lstrip("+~") for k in swept if is_key(k.lstrip("+~"))})

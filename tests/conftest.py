@@ -60,6 +60,7 @@ def tiny_overrides(data_root: Path, out_dir: Path, store: Path) -> list[str]:
         "trainer.progress=false",
         "mlflow.log_model=false",
         f"paths.output_dir={out_dir}",
+        f"paths.cache_dir={store.parent / 'cache'}",
         f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db",
     ]
 

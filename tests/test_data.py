@@ -50,6 +50,10 @@ def test_augmentation_is_a_function_of_seed_epoch_index(image_folder: Path) -> N
     assert order[0] == order[1]
     a._train_sampler.set_epoch(1)
     assert [i for _, i in a._train_sampler] != order[0]
+    # a loader keeps its own epoch's order, whichever loader was made after it
+    first, second = a.train_loader(0), a.train_loader(1)
+    assert [int(i) for b in first for i in b[2]] != [int(i) for b in second for i in b[2]]
+    assert [int(i) for b in first for i in b[2]][:8] == order[0][:8]
 
 
 def test_loader_workers_give_the_same_batches(image_folder: Path) -> None:

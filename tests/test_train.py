@@ -32,22 +32,20 @@ def test_student_distils_from_teacher_checkpoint(
     import conkd.run as run_module
 
     loaded = []
-    real = run_module.load_teacher
-    monkeypatch.setattr(
-        run_module, "load_teacher", lambda *a: loaded.append(real(*a)) or loaded[-1]
-    )
+    real = run_module.online_teacher
+    monkeypatch.setattr(run_module, "online_teacher", lambda t: loaded.append(t) or real(t))
     cfg = compose_cfg(
         [
             "loss=lsd+supcon",
             "optimizer=lion",
             "model@teacher=resnet18",
             f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
+            "teacher_cache.enabled=false",  # the online teacher, to inspect it afterwards
             *tiny_overrides(image_folder, tmp_path / "student", tmp_path / "mlruns"),
         ]
     )
     value = run(cfg)
-    teacher, tags = loaded[0]
-    assert tags["teacher"].endswith("best.pt") and tags["teacher.run_id"]
+    (teacher,) = loaded
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     # the teacher stayed frozen: its weights equal the checkpoint's
     ref = load_checkpoint(teacher_run / "checkpoints" / "best.pt")["state_dict"]

@@ -1,0 +1,130 @@
+"""Benchmark: can the decode-once input pipeline keep a ResNet-18 student busy?
+
+Measures, in one process and one after the other (never concurrently):
+
+(a) images/s of the decoded pipeline alone: gathering rows from the memory-mapped uint8 array and
+    augmenting the batch with tensor ops (the train transform), i.e. ``DataModule.train_loader``
+    with ``dataset.decode`` on;
+(b) images/s of a ResNet-18 student training step (forward, cross-entropy, backward, AdamW) on
+    batches made beforehand, i.e. what the input pipeline has to keep up with;
+(c) for comparison, images/s of today's PIL DataLoader path (decode + augment per sample).
+
+and prints the ratio (a)/(b) last, as ``ratio input/step: X.XX``; >= 5 means the input pipeline
+takes at most a fifth of a step's time.
+
+    python benchmarks/input_pipeline.py --root ../shared/data/imagenette --image-size 64 \\
+        --batch-size 64 --steps 20
+
+The first run decodes the train and test splits into ``--cache-dir`` (once; later runs reuse
+the arrays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from conkd.data import DataModule, ImageFolderSource
+from conkd.models import Network
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_loader(loader: Iterable, steps: int, warmup: int) -> tuple[float, list]:
+    """img/s over ``steps`` batches after ``warmup`` batches (startup excluded); the batches."""
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    batches = []
+    seen = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y, _ = next(it)
+        seen += x.shape[0]
+        batches.append((x, y))
+    elapsed = time.perf_counter() - start
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()  # stop the prefetch thread before the next measurement
+    del it  # and a DataLoader's worker processes
+    return seen / elapsed, batches
+
+
+def time_train_steps(model: nn.Module, batches: list, steps: int, warmup: int) -> float:
+    """img/s of forward + CE + backward + AdamW step on ready-made batches."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = criterion(model(x)["logits"], y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for k in range(warmup):
+        step(*batches[k % len(batches)])
+    seen = 0
+    start = time.perf_counter()
+    for k in range(steps):
+        x, y = batches[k % len(batches)]
+        step(x, y)
+        seen += x.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20, help="timed batches / steps per measurement")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed batches / steps before each")
+    ap.add_argument("--cache-dir", default="/tmp/conkd-bench-cache", help="decoded arrays")
+    ap.add_argument("--decode-size", type=int, default=None, help="default: 1.15 x image size")
+    ap.add_argument("--workers", type=int, default=2, help="PIL loader and decoding workers")
+    ap.add_argument("--skip-pil", action="store_true", help="skip the PIL DataLoader timing")
+    args = ap.parse_args()
+
+    root = Path(args.root).expanduser()
+    if not (root / "train").is_dir():
+        print(f"error: no class-folder dataset at {root} (needs train/<class>/*.jpg); pass --root")
+        return 1
+    source = ImageFolderSource(str(root), verify=False)
+    common = dict(
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        augment={"crop": "resized", "scale_min": 0.35, "flip": True},
+    )
+    decode = {"dir": args.cache_dir, "size": args.decode_size, "workers": args.workers}
+    data = DataModule(source, decode=decode, **common)
+    data.prepare()
+    print(
+        f"{len(data.train)} training images, {args.image_size} px, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} torch threads, {args.steps} timed steps",
+        flush=True,
+    )
+
+    decoded_rate, batches = time_loader(data.train_loader(0), args.steps, args.warmup)
+    model = Network("resnet18", data.num_classes, image_size=args.image_size)
+    step_rate = time_train_steps(model, batches, args.steps, args.warmup)
+
+    if not args.skip_pil:
+        pil = DataModule(source, **common)
+        pil_rate, _ = time_loader(pil.train_loader(0), args.steps, 1)
+        print(f"PIL DataLoader ({args.workers} workers):     {pil_rate:8.0f} img/s")
+    print(f"decoded pipeline (gather + augment): {decoded_rate:8.0f} img/s")
+    print(f"ResNet-18 train step (AdamW, CE):    {step_rate:8.0f} img/s")
+    print(f"ratio input/step: {decoded_rate / step_rate:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Benchmark: what the teacher cache and the fast path save a real Optuna sweep, side by side.
+
+All sweeps are ``python train.py -m hparams_search=conkd_lion`` on Imagenette class folders with
+the same sampler seed, ``--epochs`` epochs of ``--steps`` steps per trial (batch 64):
+
+(a) ``--trials`` trials with the teacher cache (a fresh cache folder, so its build is included)
+    vs the same trials with the online teacher (``teacher_cache.enabled=false``), and vs the cache
+    build plus the same trials' optimizer settings run as plain CE students (no teacher at all):
+    the cache should cost nothing but its build.
+(b) ``--fast-trials`` trials of the whole fast path (decode-once input, teacher cache, median
+    pruning) vs today's path (JPEG decode every epoch, online teacher, no pruning).
+
+    python benchmarks/sweep_cache.py --data ../shared/data/imagenette --image-size 64
+
+Without ``--teacher-ckpt`` it first trains a small ResNet-101 teacher (its accuracy does not
+matter here, only its cost). Prints a table and, last, the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(*overrides: str) -> float:
+    """Run train.py with ``overrides``; returns the wall time in seconds."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides]
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.perf_counter() - start
+
+
+def cache_build_seconds(cache_dir: Path) -> float:
+    """Build time recorded by the teacher cache(s) under ``cache_dir``."""
+    return sum(json.loads(m.read_text())["build_seconds"] for m in cache_dir.glob("*/meta.json"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
+    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--fast-trials", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40, help="training steps per epoch (batch 64)")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--teacher-ckpt", default=None)
+    ap.add_argument("--only", choices=("a", "b"), default=None)
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_sweep_cache"))
+    args = ap.parse_args()
+
+    data = Path(args.data)
+    if not (data / "train").is_dir():
+        print(f"skipped: no class-folder dataset at {data} (pass --data)")
+        return 0
+    out = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True)
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    common = [
+        "dataset=imagefolder",
+        f"dataset.root={data}",
+        "dataset.source.verify=false",
+        f"dataset.image_size={args.image_size}",
+        "dataset.batch_size=64",
+        f"dataset.decode.dir={out / 'decoded'}",
+        f"trainer.max_steps_per_epoch={args.steps}",
+        f"trainer.epochs={args.epochs}",
+        "trainer.progress=false",
+        "mlflow.log_model=false",
+        "mlflow.log_checkpoint=false",
+        f"mlflow.tracking_uri=sqlite:///{out / 'mlruns' / 'mlflow.db'}",
+    ]
+    teacher = args.teacher_ckpt
+    if teacher is None:
+        train(
+            "experiment=teacher",
+            *common,
+            "trainer.epochs=1",
+            "trainer.max_steps_per_epoch=5",
+            "mlflow.register=null",
+            f"hydra.run.dir={out / 'teacher'}",
+        )
+        teacher = str(out / "teacher" / "checkpoints" / "best.pt")
+    # warm the decoded arrays once, so no sweep below pays for (or is spared) their build
+    train(
+        *common,
+        "loss=ce",
+        "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=1",
+        f"hydra.run.dir={out / 'warm'}",
+    )
+
+    def sweep(name: str, trials: int, *extra: str) -> dict[str, float]:
+        wall = train(
+            "-m",
+            "hparams_search=conkd_lion",
+            f"teacher_ckpt={teacher}",
+            *common,
+            f"hydra.sweeper.n_trials={trials}",
+            f"hydra.sweeper.storage={storage}",
+            f"hydra.sweeper.study_name={name}",
+            f"hydra.sweep.dir={out / name}",
+            *extra,
+        )
+        study = optuna.load_study(study_name=name, storage=storage)
+        done = [t for t in study.trials if t.state.name == "COMPLETE"]
+        return {
+            "wall_s": wall,
+            "epochs": sum(len(t.intermediate_values) for t in study.trials),
+            "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
+            "best": max(t.value for t in done) if done else float("nan"),
+            "study": study,
+        }
+
+    rows: dict[str, dict] = {}
+    if args.only in (None, "a"):
+        nopr = "hydra/sweeper/pruner=none"
+        rows["a_cached"] = sweep(
+            "a_cached", args.trials, nopr, f"teacher_cache.dir={out / 'cache_a'}"
+        )
+        rows["a_cached"]["build_s"] = cache_build_seconds(out / "cache_a")
+        rows["a_online"] = sweep("a_online", args.trials, nopr, "teacher_cache.enabled=false")
+        lrs = [t.params["optimizer.lr"] for t in rows["a_cached"]["study"].trials]
+        wds = [t.params["optimizer.weight_decay"] for t in rows["a_cached"]["study"].trials]
+        start = time.perf_counter()
+        for i, (lr, wd) in enumerate(zip(lrs, wds)):
+            train(
+                *common,
+                "loss=ce",
+                f"optimizer.lr={lr}",
+                f"optimizer.weight_decay={wd}",
+                f"hydra.run.dir={out / 'a_ce' / str(i)}",
+            )
+        rows["a_ce"] = {
+            "wall_s": time.perf_counter() - start,
+            "epochs": len(lrs) * args.epochs,
+            "pruned": 0,
+            "best": float("nan"),
+        }
+    if args.only in (None, "b"):
+        rows["b_fast"] = sweep(
+            "b_fast",
+            args.fast_trials,
+            "hydra/sweeper/pruner=median",
+            f"teacher_cache.dir={out / 'cache_b'}",
+        )
+        rows["b_today"] = sweep(
+            "b_today",
+            args.fast_trials,
+            "hydra/sweeper/pruner=none",
+            "teacher_cache.enabled=false",
+            "dataset.decode.enabled=false",
+        )
+
+    print(
+        f"\nconkd_lion sweeps, {args.image_size}px, {args.epochs} epochs x {args.steps} steps "
+        f"(batch 64) per trial, data {data}"
+    )
+    print(f"{'sweep':<10} {'wall s':>8} {'epochs':>7} {'pruned':>7} {'best val top1':>14}")
+    for name, r in rows.items():
+        print(
+            f"{name:<10} {r['wall_s']:>8.0f} {r['epochs']:>7d} {r['pruned']:>7d} {r['best']:>14.2f}"
+        )
+    if "a_cached" in rows:
+        a, o, ce = rows["a_cached"], rows["a_online"], rows["a_ce"]
+        print(f"teacher cache build: {a['build_s']:.0f} s")
+        print(f"ratio (a) cached/online sweep: {a['wall_s'] / o['wall_s']:.2f}")
+        print(
+            "ratio (a) cached sweep / (cache build + same trials as CE students): "
+            f"{a['wall_s'] / (a['build_s'] + ce['wall_s']):.2f}  (target <= 1.10)"
+        )
+    if "b_fast" in rows:
+        print(
+            "ratio (b) fast path / today's path: "
+            f"{rows['b_fast']['wall_s'] / rows['b_today']['wall_s']:.2f}  (target <= 0.35)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Teacher-output cache through whole runs: exact replay of the online teacher, reuse without
+the teacher, the sweep warning. The cache module itself: tests/test_teacher_cache.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import conkd.run as run_module
+from conkd.checkpoint import load_checkpoint
+from conkd.teacher import varying_cache_fields
+from tests.conftest import tiny_overrides
+
+
+def student(compose_cfg, image_folder: Path, teacher_run: Path, out: Path, *extra: str):
+    cfg = compose_cfg(
+        [
+            "loss=lsd+supcon",
+            "optimizer=lion",
+            "model@teacher=resnet18",
+            f"teacher_ckpt={teacher_run / 'checkpoints' / 'best.pt'}",
+            *tiny_overrides(image_folder, out, out.parent / "mlruns"),
+            f"paths.cache_dir={out.parent / 'cache'}",
+            "mlflow.enabled=false",
+            *extra,
+        ]
+    )
+    run_module.run(cfg)
+    return load_checkpoint(out / "checkpoints" / "last.pt")
+
+
+def test_cached_teacher_trains_the_student_like_the_online_one(
+    compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The cache replays the online teacher's outputs for exactly the views the student sees:
+    a run reading it is bit-identical to an online run whose outputs are rounded to the cache's
+    float16, and its first step matches the plain online teacher within float16 tolerance."""
+    sgd = ["optimizer=sgd", "optimizer.lr=0.002"]
+    cached = student(compose_cfg, image_folder, teacher_run, tmp_path / "cached", *sgd)
+    (folder,) = [p for p in (tmp_path / "cache" / "teacher").iterdir() if p.is_dir()]
+    assert (folder / "train_logits.npy").is_file() and (folder / "val_logits.npy").is_file()
+    assert not (folder / "train_projection.npy").exists()  # lsd+supcon reads teacher logits only
+
+    real = run_module.online_teacher
+
+    def rounded(teacher):
+        outputs = real(teacher)
+        return lambda x, e, i: {k: v.half().float() for k, v in outputs(x, e, i).items()}
+
+    monkeypatch.setattr(run_module, "online_teacher", rounded)
+    online = student(
+        compose_cfg,
+        image_folder,
+        teacher_run,
+        tmp_path / "online",
+        *sgd,
+        "teacher_cache.enabled=false",
+    )
+    for key in ("train/kd", "train/supcon", "train/ce", "train/loss", "val/kd", "val/loss"):
+        assert cached["metrics"][key] == online["metrics"][key]
+    for name, weight in online["state_dict"].items():
+        assert torch.equal(cached["state_dict"][name], weight), name
+    # one step against the unrounded online teacher: the same loss terms up to float16
+    monkeypatch.setattr(run_module, "online_teacher", real)
+    one = ["trainer.epochs=1", "trainer.max_steps_per_epoch=1", *sgd]
+    a = student(compose_cfg, image_folder, teacher_run, tmp_path / "a", *one)
+    b = student(
+        compose_cfg,
+        image_folder,
+        teacher_run,
+        tmp_path / "b",
+        *one,
+        "teacher_cache.enabled=false",
+    )
+    for key in ("train/kd", "train/loss", "val/kd"):
+        assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-3, abs=1e-4)
+    assert a["metrics"]["train/ce"] == b["metrics"]["train/ce"]  # no teacher in CE
+
+
+def test_reused_cache_never_loads_the_teacher(
+    compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    student(compose_cfg, image_folder, teacher_run, tmp_path / "first")
+
+    def no_network(*args):
+        raise AssertionError("the teacher network was built although its cache exists")
+
+    monkeypatch.setattr(run_module, "build_teacher", no_network)
+    student(compose_cfg, image_folder, teacher_run, tmp_path / "second", "loss.alpha=0.5")
+    with pytest.raises(AssertionError, match="teacher network was built"):
+        student(compose_cfg, image_folder, teacher_run, tmp_path / "third", "seed=1")
+
+
+def test_sweeps_are_told_which_swept_keys_split_the_cache() -> None:
+    swept = ["loss.alpha", "seed", "optimizer.lr", "dataset.image_size", "dataset.num_workers"]
+    assert varying_cache_fields(swept) == ["dataset.image_size", "seed"]
+    assert varying_cache_fields(["loss.kd_temperature", "optimizer.weight_decay"]) == []
