@@ -14,25 +14,11 @@ Prints images/s of each and, last, ``ratio kd(cache)/ce step time: X.XX`` (targe
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("CONKD_ROOT", str(ROOT))
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+from _common import ROOT, compose  # noqa: E402
 
 
 def timed_epoch(overrides: list[str], epoch: int, steps: int) -> float:
@@ -53,7 +39,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--online", action="store_true", help="also time the online teacher")
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "conkd-bench-cache"))
     args = ap.parse_args()
@@ -98,11 +84,11 @@ def main() -> int:
     online = [*kd, "teacher_cache.enabled=false"]
     timed_epoch(kd, 0, args.steps)  # builds the cache (all epochs), outside the timing
     results: dict[str, list[float]] = {"ce": [], "kd (cache)": [], "kd (online)": []}
+    sides = {"ce": ce, "kd (cache)": kd, **({"kd (online)": online} if args.online else {})}
     for r in range(rounds):
-        results["ce"].append(timed_epoch(ce, r + 1, args.steps))
-        results["kd (cache)"].append(timed_epoch(kd, r + 1, args.steps))
-        if args.online:
-            results["kd (online)"].append(timed_epoch(online, r + 1, args.steps))
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))  # ABBA: no order bias
+        for name in order:
+            results[name].append(timed_epoch(sides[name], r + 1, args.steps))
     import torch
 
     print(

@@ -16,21 +16,16 @@ Prints images/s of each and, last, ``ratio conkd/minimal: X.XX`` (target >= 0.95
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torchvision
+from _common import ROOT, compose
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("CONKD_ROOT", str(ROOT))
 
 from conkd.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from conkd.models import Network  # noqa: E402
@@ -65,16 +60,10 @@ def minimal_loop(root: Path, size: int, batch: int, workers: int, steps: int) ->
 
 def conkd_loop(overrides: list[str], steps: int, epoch: int) -> float:
     """The project's path: composed config, ``setup``, one epoch of ``train_one_epoch``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from conkd.engine import TrainState, train_one_epoch
     from conkd.run import setup
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"trainer.max_steps_per_epoch={steps}"])
-    parts = setup(cfg, None)
+    parts = setup(compose([*overrides, f"trainer.max_steps_per_epoch={steps}"]), None)
     loader = parts.data.train_loader(epoch)
     start = time.perf_counter()
     metrics = train_one_epoch(parts.job, loader, epoch, TrainState())

@@ -64,7 +64,7 @@ def evaluate_checkpoint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = N
         data.eval_loader(cfg.split),
         device,
         data.num_classes,
-        precision=cfg.trainer.precision,
+        precision=str(cfg.trainer.precision),
         channels_last=cfg.trainer.channels_last,
         prefix=cfg.split,
         progress=cfg.trainer.progress,

@@ -111,7 +111,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConKDError(f"objective_mode must be max or min, got {cfg.objective_mode!r}")
     if cfg.trainer.epochs < 1:
         raise ConKDError(f"trainer.epochs must be >= 1, got {cfg.trainer.epochs}")
-    if cfg.trainer.precision not in ("32", "bf16"):
+    if str(cfg.trainer.precision) not in ("32", "bf16"):  # `trainer.precision=32` is an int
         raise ConKDError(f"trainer.precision must be 32 or bf16, got {cfg.trainer.precision!r}")
 
 
@@ -249,7 +249,7 @@ def teacher_function(
             n_train=len(data.train),
             n_val=len(data.val),
             device=device,
-            precision=cfg.trainer.precision,
+            precision=str(cfg.trainer.precision),
             channels_last=cfg.trainer.channels_last,
             fields=fields,
             progress=cfg.trainer.progress,
@@ -278,7 +278,7 @@ def cache_fields(
         "seed": cfg.seed,
         "epochs": cfg.trainer.epochs,
         "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch,
-        "precision": cfg.trainer.precision,
+        "precision": str(cfg.trainer.precision),
         "channels_last": cfg.trainer.channels_last,
         "outputs": outputs,
     }
@@ -386,7 +386,7 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
         num_classes=data.num_classes,
         monitor=cfg.objective,
         mode=cfg.objective_mode,
-        precision=cfg.trainer.precision,
+        precision=str(cfg.trainer.precision),
         channels_last=cfg.trainer.channels_last,
         max_steps=cfg.trainer.max_steps_per_epoch,
         grad_clip=cfg.trainer.grad_clip,

@@ -132,3 +132,13 @@ def test_hparams_search_presets(name: str) -> None:
     assert "optimizer.lr" in sweeper.params and sweeper.study_name.endswith("_digits")
     expected_opt = "AdamW" if name == "conkd_adamw" else "Lion"
     assert expected_opt in cfg.optimizer._target_
+
+
+def test_precision_typed_as_a_number_is_accepted(compose_cfg) -> None:
+    """`trainer.precision=32` reaches the config as an int; it means the same as "32"."""
+    from conkd.errors import ConKDError
+    from conkd.run import validate
+
+    validate(compose_cfg(["trainer.precision=32"]))
+    with pytest.raises(ConKDError, match="trainer.precision must be 32 or bf16, got 16"):
+        validate(compose_cfg(["trainer.precision=16"]))

@@ -1,0 +1,22 @@
+"""Shared by the benchmark scripts: the project root on ``sys.path`` and config composition."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CONKD_ROOT", str(ROOT))
+
+
+def compose(overrides: list[str]):
+    """``conf/train.yaml`` composed with ``overrides``, as ``python train.py`` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
