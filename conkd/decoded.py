@@ -112,7 +112,7 @@ class _DecodeSplit(Dataset):
         return image
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -131,7 +131,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _file_sha256(path: Path, offset: int) -> str:
@@ -303,7 +303,7 @@ def _build(
         os.fsync(f.fileno())
     file_bytes = tmp.stat().st_size
     os.replace(tmp, folder / ARRAY_FILE)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     meta = {
         "format_version": FORMAT_VERSION,
         "key": key,

@@ -62,6 +62,7 @@ from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from conkd.decoded import fsync_dir
 from conkd.engine import autocast, to_device
 from conkd.errors import ConKDError
 
@@ -194,20 +195,6 @@ def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make entries (new files, a rename) in ``path`` durable; a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
@@ -512,9 +499,9 @@ class TeacherCache:
                 json.dump(meta, f, indent=1, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, directory)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
