@@ -424,36 +424,18 @@ class TeacherCache:
     ) -> TeacherCache:
         """Run ``teacher`` over exactly the batches the student will see and write the cache.
 
-        For each epoch ``e`` in ``range(epochs)``: the first ``max_steps`` batches of
-        ``train_loader(e)`` (all of them when ``max_steps`` is None, as
-        :func:`conkd.engine.train_one_epoch` does); batches are ``(x, y, i)`` with ``i`` the
-        dataset positions, and the outputs named in ``outputs`` land at ``[e, i]``. Then every
-        batch of ``val_loader`` lands at ``[i]``. The teacher runs in eval mode under
-        ``torch.no_grad`` and the run's autocast (``precision`` ``"32"`` or ``"bf16"``) and
-        memory format, so its numbers are those the online teacher would give the student;
-        ``teacher`` must already be on ``device`` (batches are moved there). Its train/eval
-        mode is restored afterwards.
-
-        The cache is written into a hidden sibling folder, fsync'd, ``meta.json`` last, and
-        renamed to ``directory`` in one step; ``directory`` must not exist yet (:func:`ensure`
-        removes an invalid one first). ``fields`` are recorded in ``meta.json`` with their key.
-        Returns the opened cache (sizes and shapes checked; the checksums were just computed
-        from these very files).
+        Per epoch ``e``: the first ``max_steps`` batches ``(x, y, i)`` of ``train_loader(e)``
+        (all without ``max_steps``, as :func:`conkd.engine.train_one_epoch`), outputs stored at
+        ``[e, i]``; then every ``val_loader`` batch at ``[i]``. The teacher (already on
+        ``device``) runs in eval mode, no_grad, with the run's autocast and memory format, so
+        the numbers are those the online teacher gives; its train/eval mode is restored.
+        Written into a hidden sibling folder, ``meta.json`` last, renamed to ``directory``
+        (which must not exist) in one step. Returns the opened cache.
         """
         start = time.perf_counter()
         directory = Path(directory)
         outputs = list(outputs)
-        if not outputs or len(set(outputs)) != len(outputs):
-            raise ConKDError(f"teacher cache outputs must be distinct names, got {outputs}")
-        if epochs < 1 or n_train < 1 or n_val < 1:
-            raise ConKDError(
-                f"teacher cache needs epochs, n_train and n_val >= 1, got {epochs}, {n_train}, "
-                f"{n_val}"
-            )
-        if max_steps is not None and max_steps < 1:
-            raise ConKDError(f"teacher cache max_steps must be None or >= 1, got {max_steps}")
-        if precision not in ("32", "bf16"):
-            raise ConKDError(f"teacher cache precision must be 32 or bf16, got {precision!r}")
+        _check_build_args(outputs, epochs, n_train, n_val, max_steps, precision)
         if directory.exists():
             raise FileExistsError(
                 f"{directory} exists; open it with TeacherCache.open, or remove it to rebuild"
@@ -483,25 +465,17 @@ class TeacherCache:
                 progress,
             )
             meta.update(
-                {
-                    "key": None if fields is None else cache_key(fields),
-                    "fields": None if fields is None else _jsonable(fields),
-                    "precision": precision,
-                    "channels_last": bool(channels_last),
-                    "max_steps": max_steps,
-                    "device": str(device),
-                    "torch": torch.__version__,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "build_seconds": time.perf_counter() - start,
-                }
+                key=None if fields is None else cache_key(fields),
+                fields=None if fields is None else _jsonable(fields),
+                precision=precision,
+                channels_last=bool(channels_last),
+                max_steps=max_steps,
+                device=str(device),
+                torch=torch.__version__,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                build_seconds=time.perf_counter() - start,
             )
-            with open(tmp / META_FILE, "w") as f:  # last: its presence marks a complete build
-                json.dump(meta, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
-            os.replace(tmp, directory)
-            fsync_dir(directory.parent)
+            _commit(tmp, directory, meta)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -522,6 +496,103 @@ class TeacherCache:
     ) -> tuple[TeacherCache, bool]:
         """:func:`ensure` (the same function, as a class method)."""
         return ensure(root, fields, build_fn, verify=verify)
+
+
+def _check_build_args(
+    outputs: list[str],
+    epochs: int,
+    n_train: int,
+    n_val: int,
+    max_steps: int | None,
+    precision: str,
+) -> None:
+    """Refuse a build whose shape or settings cannot give a usable cache."""
+    if not outputs or len(set(outputs)) != len(outputs):
+        raise ConKDError(f"teacher cache outputs must be distinct names, got {outputs}")
+    if epochs < 1 or n_train < 1 or n_val < 1:
+        raise ConKDError(
+            f"teacher cache needs epochs, n_train and n_val >= 1, got {epochs}, {n_train}, {n_val}"
+        )
+    if max_steps is not None and max_steps < 1:
+        raise ConKDError(f"teacher cache max_steps must be None or >= 1, got {max_steps}")
+    if precision not in ("32", "bf16"):
+        raise ConKDError(f"teacher cache precision must be 32 or bf16, got {precision!r}")
+
+
+def _commit(tmp: Path, directory: Path, meta: dict[str, Any]) -> None:
+    """``meta.json`` last (its presence marks a complete build), fsync, rename into place."""
+    with open(tmp / META_FILE, "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    os.replace(tmp, directory)
+    fsync_dir(directory.parent)
+
+
+def _teacher_rows(
+    teacher: Callable[[Tensor], Mapping[str, Tensor | None]],
+    x: Tensor,
+    idx: np.ndarray,
+    size: int,
+    split: str,
+    outputs: list[str],
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+) -> dict[str, np.ndarray]:
+    """The teacher's float16 rows of ``outputs`` for batch ``x`` at positions ``idx``, checked
+    (positions in range, every output present, one row per position, finite in float16)."""
+    if idx.size and (idx.min() < 0 or idx.max() >= size):
+        raise ConKDError(
+            f"teacher cache: {split} loader yields positions up to {idx.max()}, "
+            f"but n_{split}={size}"
+        )
+    with autocast(device, precision):
+        out = teacher(to_device(x, device, channels_last))
+    rows = {}
+    for name in outputs:
+        value = out.get(name)
+        if value is None:
+            raise ConKDError(
+                f"the teacher has no {name!r} output to cache (it returns "
+                f"{sorted(k for k, v in out.items() if v is not None)})"
+            )
+        if value.shape[0] != idx.size:
+            raise ConKDError(
+                f"teacher output {name!r} has {value.shape[0]} rows for a batch of "
+                f"{idx.size} positions"
+            )
+        row32 = value.detach().float().cpu().numpy()
+        row = row32.astype(np.float16)
+        if not np.isfinite(row).all():
+            what = "is not finite" if not np.isfinite(row32).all() else "overflows float16"
+            raise ConKDError(f"teacher output {name!r} {what}; it cannot be cached")
+        rows[name] = row
+    return rows
+
+
+def _row_array(
+    arrays: dict[str, np.ndarray], name: str, path: Path, lead: tuple, row: np.ndarray
+) -> np.ndarray:
+    """``arrays[name]``, created as a float16 memmap at the first batch, when ``D`` is known."""
+    if name not in arrays:
+        arrays[name] = open_memmap(path, mode="w+", dtype=np.float16, shape=(*lead, *row.shape[1:]))
+    return arrays[name]
+
+
+def _finish_files(tmp: Path, arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Flush, fsync and hash every array file: shape, dtype, bytes and sha256 for meta.json."""
+    files: dict[str, dict[str, Any]] = {}
+    for name, a in arrays.items():
+        a.flush()  # msync: the bytes are in the file before it is fsync'd and hashed
+        files[name] = {"shape": list(a.shape), "dtype": a.dtype.str}
+    for name, info in files.items():
+        path = tmp / name
+        _fsync_file(path)
+        info["bytes"] = path.stat().st_size
+        info["sha256"] = _sha256(path)
+    return files
 
 
 @torch.no_grad()
@@ -547,40 +618,9 @@ def _write_cache(
     filled = open_memmap(tmp / FILLED_FILE, mode="w+", dtype=np.bool_, shape=(epochs, n_train))
     val_seen = np.zeros(n_val, dtype=bool)
 
-    def run(x: Tensor, idx: np.ndarray, size: int, split: str) -> dict[str, np.ndarray]:
-        if idx.size and (idx.min() < 0 or idx.max() >= size):
-            raise ConKDError(
-                f"teacher cache: {split} loader yields positions up to {idx.max()}, "
-                f"but n_{split}={size}"
-            )
-        with autocast(device, precision):
-            out = teacher(to_device(x, device, channels_last))
-        rows = {}
-        for name in outputs:
-            value = out.get(name)
-            if value is None:
-                raise ConKDError(
-                    f"the teacher has no {name!r} output to cache (it returns "
-                    f"{sorted(k for k, v in out.items() if v is not None)})"
-                )
-            if value.shape[0] != idx.size:
-                raise ConKDError(
-                    f"teacher output {name!r} has {value.shape[0]} rows for a batch of "
-                    f"{idx.size} positions"
-                )
-            row32 = value.detach().float().cpu().numpy()
-            row = row32.astype(np.float16)
-            if not np.isfinite(row).all():
-                what = "is not finite" if not np.isfinite(row32).all() else "overflows float16"
-                raise ConKDError(f"teacher output {name!r} {what}; it cannot be cached")
-            rows[name] = row
-        return rows
-
-    def array(arrays: dict[str, np.ndarray], name: str, path: Path, lead: tuple, row: np.ndarray):
-        if name not in arrays:
-            shape = (*lead, *row.shape[1:])
-            arrays[name] = open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-        return arrays[name]
+    def rows(x: Tensor, idx: np.ndarray, size: int, split: str) -> dict[str, np.ndarray]:
+        args = (outputs, device, precision, channels_last)
+        return _teacher_rows(teacher, x, idx, size, split, *args)
 
     bar = tqdm(total=None, desc="teacher cache", unit="batch", disable=not progress)
     try:
@@ -596,15 +636,15 @@ def _write_cache(
                 if max_steps is not None and step >= max_steps:
                     break
                 idx = _positions(index)
-                for name, row in run(x, idx, n_train, "train").items():
-                    target = array(train, name, tmp / _train_file(name), (epochs, n_train), row)
-                    target[epoch, idx] = row
+                for name, row in rows(x, idx, n_train, "train").items():
+                    path = tmp / _train_file(name)
+                    _row_array(train, name, path, (epochs, n_train), row)[epoch, idx] = row
                 filled[epoch, idx] = True
                 bar.update()
         for x, _, index in val_loader:
             idx = _positions(index)
-            for name, row in run(x, idx, n_val, "val").items():
-                array(val, name, tmp / _val_file(name), (n_val,), row)[idx] = row
+            for name, row in rows(x, idx, n_val, "val").items():
+                _row_array(val, name, tmp / _val_file(name), (n_val,), row)[idx] = row
             val_seen[idx] = True
             bar.update()
     finally:
@@ -620,15 +660,7 @@ def _write_cache(
     arrays = {FILLED_FILE: filled}
     arrays.update({_train_file(o): a for o, a in train.items()})
     arrays.update({_val_file(o): a for o, a in val.items()})
-    files: dict[str, dict[str, Any]] = {}
-    for name, a in arrays.items():
-        a.flush()  # msync: the bytes are in the file before it is fsync'd and hashed
-        files[name] = {"shape": list(a.shape), "dtype": a.dtype.str}
-    for name, info in files.items():
-        path = tmp / name
-        _fsync_file(path)
-        info["bytes"] = path.stat().st_size
-        info["sha256"] = _sha256(path)
+    files = _finish_files(tmp, arrays)
     return {
         "format_version": FORMAT_VERSION,
         "outputs": outputs,
