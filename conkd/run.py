@@ -463,32 +463,45 @@ def test_best(cfg: DictConfig, parts: Parts) -> tuple[dict[str, float], Any]:
 
 
 def finish(cfg: DictConfig, parts: Parts, state: TrainState) -> float:
-    """Test, write the summary, plots and artifacts, register teachers; returns the objective."""
+    """Test, write the summary, plots and artifacts, register teachers; returns the objective.
+
+    A pruned sweep trial is not tested: the sweep has already ruled it out, and testing its
+    best checkpoint would cost as much as an epoch of a 40-step trial.
+    """
     tracker, out_dir, best = parts.tracker, parts.out_dir, state.best
-    test, confusion = test_best(cfg, parts)
+    pruned = parts.reporter is not None and parts.reporter.pruned
     value = float(best[cfg.objective])
-    summary = {**test, "best/epoch": best["epoch"], f"best/{cfg.objective}": value}
-    summary["objective"] = value
-    if parts.reporter is not None and parts.reporter.pruned:
+    summary = {"best/epoch": best["epoch"], f"best/{cfg.objective}": value, "objective": value}
+    if pruned:
         tracker.set_tags({"pruned": "true"})
+        confusion = None
+    else:
+        test, confusion = test_best(cfg, parts)
+        summary = {**test, **summary}
     tracker.log_metrics(summary, step=cfg.trainer.epochs)
     meta = {"stage": cfg.stage, "run_id": tracker.run_id, "run_name": tracker.run_name}
     (out_dir / "metrics.json").write_text(json.dumps({**meta, **summary}, indent=2))
-    classes = parts.data.classes
-    (out_dir / "per_class.txt").write_text(plots.per_class_table(confusion, classes))
     plots.learning_curves(state.history, out_dir / "learning_curves.png")
-    title = f"test confusion, top-1 {test['test/top1']:.2f}%"
-    plots.confusion_matrix(confusion, classes, out_dir / "confusion_matrix.png", title)
+    if confusion is not None:
+        classes = parts.data.classes
+        (out_dir / "per_class.txt").write_text(plots.per_class_table(confusion, classes))
+        title = f"test confusion, top-1 {summary['test/top1']:.2f}%"
+        plots.confusion_matrix(confusion, classes, out_dir / "confusion_matrix.png", title)
     for name in ARTIFACTS:
-        tracker.log_artifact(out_dir / name)
+        if (out_dir / name).exists():
+            tracker.log_artifact(out_dir / name)
     tracker.log_artifact(out_dir / ".hydra", "hydra")
     publish_model(cfg, parts)
+    tested = (
+        "pruned, not tested"
+        if pruned
+        else f"test top1 {summary['test/top1']:.2f} top5 {summary['test/top5']:.2f}"
+    )
     log.info(
-        "done: best val top1 %.2f (epoch %d), test top1 %.2f top5 %.2f; checkpoints in %s",
+        "done: best val top1 %.2f (epoch %d), %s; checkpoints in %s",
         best["val/top1"],
         best["epoch"] + 1,
-        test["test/top1"],
-        test["test/top5"],
+        tested,
         parts.ckpt_dir,
     )
     return value

@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 
+def _pct(value: float | None) -> str:
+    """A percentage, or ``-`` for a run that was not tested (a pruned sweep trial)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def summarize(run_dirs: list[str]) -> str:
     rows = [("run", "stage", "best val top1", "test top1", "test top5")]
     for d in run_dirs:
@@ -24,8 +29,8 @@ def summarize(run_dirs: list[str]) -> str:
                 m.get("run_name") or d,
                 m.get("stage", "?"),
                 f"{val:.2f}",
-                f"{m['test/top1']:.2f}",
-                f"{m['test/top5']:.2f}",
+                _pct(m.get("test/top1")),
+                _pct(m.get("test/top5")),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

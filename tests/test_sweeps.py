@@ -191,6 +191,9 @@ def test_pruner_stops_a_clearly_worse_trial(tmp_path: Path) -> None:
     _, children = mlflow_runs(tmp_path)
     tags = {c.data.tags["sweep.trial"]: c.data.tags.get("pruned") for c in children}
     assert tags == {"0": None, "1": None, "2": "true"}
+    # the pruned trial is not tested; the finished ones are
+    tested = {c.data.tags["sweep.trial"]: "test/top1" in c.data.metrics for c in children}
+    assert tested == {"0": True, "1": True, "2": False}
 
 
 @pytest.mark.slow
