@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 $(UI_STAMP): $(STAMP)
 	test -x $(UI_VENV)/bin/python || python3 -m venv $(UI_VENV)
-	$(UI_VENV)/bin/python -m pip install 'mlflow==$(MLFLOW_VERSION)'
+	$(UI_VENV)/bin/python -m pip install 'mlflow==$(MLFLOW_VERSION)' psycopg2-binary
 	touch $(UI_STAMP)
 
 ## demo: train a ResNet-101 teacher, distil a ResNet-18 student (digits, CPU, a few minutes)

@@ -11,6 +11,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import conkd  # noqa: F401  registers the config schema (conkd/schema.py) before Hydra composes
+
 os.environ.setdefault("CONKD_ROOT", str(Path(__file__).resolve().parent))
 
 

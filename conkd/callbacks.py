@@ -129,14 +129,14 @@ class MLflowSweepCallback(Callback):
             self._close("FINISHED")
 
     def _close_interrupted_children(self, exp_id: str) -> None:
-        """Child runs still RUNNING belong to jobs the interruption killed: mark them KILLED."""
-        stale = with_retry(
-            self.client.search_runs,
-            [exp_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and status = 'RUNNING'",
-        )
-        for run in stale:
-            with_retry(self.client.set_terminated, run.info.run_id, status="KILLED")
+        """Child runs still RUNNING whose process is gone (the interruption killed them): mark
+        them KILLED. Children of live processes (other workers of the study) stay."""
+        from conkd.runs import close, stale_runs
+
+        stale = stale_runs(self.client, [exp_id], parent_run_id=self.run_id)
+        close(self.client, stale)
+        for run, why in stale:
+            log.info("MLflow: closed interrupted trial run %s as KILLED (%s)", run.info.run_id, why)
 
     def _close(self, status: str) -> None:
         """End the parent run once; at interpreter exit without on_multirun_end it is FAILED."""

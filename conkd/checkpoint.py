@@ -1,16 +1,24 @@
-"""Checkpoints: self-describing, written atomically, validated on load.
+"""Checkpoints: self-describing, written atomically, validated on load, resumable.
 
 A checkpoint stores the model's constructor as a ``_target_`` dict, so any command can rebuild the
-network with :func:`hydra.utils.instantiate` without the run's config.
+network with :func:`hydra.utils.instantiate` without the run's config. ``last.pt`` also holds
+what an exact resume needs: optimizer, scheduler, every RNG state, the training state (epoch,
+batch within it, running sums, best, history) and the MLflow run id. Writes go to a temporary
+file, are fsync'd and renamed; the previous ``last.pt`` is kept as ``last.prev.pt``, so a kill at
+any point, a truncated file or a full disk leaves a good checkpoint to resume from.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -18,13 +26,49 @@ from torch import nn
 
 from conkd.errors import ConKDError
 
+log = logging.getLogger("conkd")
 
-def save_checkpoint(path: Path, model: nn.Module, spec: dict[str, Any], **extra: Any) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+#: The resumable checkpoint and the one before it.
+LAST, PREVIOUS = "last.pt", "last.prev.pt"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, spec: dict[str, Any], keep_previous: bool = False, **extra: Any
+) -> None:
+    """Write ``path`` so that a crash or a full disk never leaves it half-written.
+
+    The bytes go to ``path.tmp``, are fsync'd, and the file is renamed over ``path`` (then the
+    folder is fsync'd). With ``keep_previous`` the old ``path`` first becomes ``last.prev.pt``.
+    A failed write (e.g. ENOSPC) removes the temporary file and raises a :class:`ConKDError`;
+    the existing checkpoints are untouched.
+    """
+    from conkd.decoded import fsync_dir
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": spec, "state_dict": model.state_dict(), **extra}, tmp)
+    try:
+        torch.save({"model": spec, "state_dict": model.state_dict(), **extra}, tmp)
+        _fsync(tmp)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        why = "the disk is full" if full else str(err)
+        raise ConKDError(
+            f"could not write checkpoint {path}: {why}. The previous checkpoint is intact; "
+            "free space and re-run the same command to resume from it"
+        ) from err
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(PREVIOUS))
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -39,6 +83,51 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "state_dict" not in ckpt:
         raise ConKDError(f"{p} is not a ConKD checkpoint (no model spec / state_dict)")
     return ckpt
+
+
+def latest_resumable(directory: Path) -> dict[str, Any] | None:
+    """The newest readable resume checkpoint in ``directory``: ``last.pt``, or ``last.prev.pt``
+    when ``last.pt`` is missing (killed between the two renames), truncated or corrupt (which is
+    reported). None when there is none."""
+    for name in (LAST, PREVIOUS):
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except ConKDError as err:
+            log.warning("%s; trying the checkpoint before it", err)
+            continue
+        if "train_state" in ckpt:
+            ckpt["path"] = str(path)
+            return ckpt
+        log.warning("%s has no training state (written before resumable checkpoints)", path)
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a training step may draw from (dropout, samplers), as tensors and
+    plain types so ``weights_only`` loading accepts them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 #: The only constructors a checkpoint may name: ``weights_only=True`` keeps pickles out, and
@@ -104,28 +193,63 @@ def check_compatible(
 
 
 class Checkpointer:
-    """Training callback: ``last.pt`` after every epoch and ``best.pt`` on a new best.
+    """Training callback: the resumable ``last.pt`` after every epoch (and every
+    ``every_steps`` optimizer steps), ``best.pt`` (weights and metrics) on a new best.
 
     ``extra`` is stored in every checkpoint (classes, stage, resolved config, MLflow run id), so
     ``eval.py`` and students can use a checkpoint without the run's config.
     """
 
     def __init__(
-        self, directory: Path, model: nn.Module, spec: dict[str, Any], **extra: Any
+        self,
+        directory: Path,
+        model: nn.Module,
+        spec: dict[str, Any],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        every_steps: int | None = None,
+        **extra: Any,
     ) -> None:
         self.directory = directory
         self.model = model
         self.spec = spec
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.every_steps = every_steps
         self.extra = extra
 
+    def save_last(self, state: Any, **info: Any) -> None:
+        """Everything an exact resume needs, as ``last.pt`` (the previous one kept)."""
+        save_checkpoint(
+            self.directory / LAST,
+            self.model,
+            self.spec,
+            keep_previous=True,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            rng=rng_state(),
+            train_state=state.state_dict(),
+            **info,
+            **self.extra,
+        )
+
+    def on_step_end(self, state: Any) -> None:
+        if self.every_steps and state.step % self.every_steps == 0:
+            self.save_last(state)
+
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
-        epoch = state.epoch - 1
-        for name in ("last.pt", "best.pt") if is_best else ("last.pt",):
-            save_checkpoint(
-                self.directory / name,
-                self.model,
-                self.spec,
-                epoch=epoch,
-                metrics=dict(metrics),
-                **self.extra,
-            )
+        info = {"epoch": state.epoch - 1, "metrics": dict(metrics)}
+        if is_best:
+            save_checkpoint(self.directory / "best.pt", self.model, self.spec, **info, **self.extra)
+        self.save_last(state, **info)
+
+
+def restore(
+    ckpt: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> None:
+    """Load a resume checkpoint's weights, optimizer, scheduler and RNG states in place."""
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])

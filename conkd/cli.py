@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from conkd.errors import ConKDError
+from conkd.errors import ConKDError, message
 
 
 def run_app(fn: Callable[[DictConfig, Any], Any], cfg: DictConfig) -> Any:
@@ -38,7 +38,7 @@ def run_app(fn: Callable[[DictConfig, Any], Any], cfg: DictConfig) -> Any:
     except ConKDError as err:
         if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message(err)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         if multirun:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import urllib.error
@@ -29,8 +30,11 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from conkd.errors import ConKDError
+
+log = logging.getLogger("conkd")
 
 if TYPE_CHECKING:  # conkd.decoded imports this module; the runtime imports are local
     from conkd.decoded import DecodedArray, DecodedLoader
@@ -59,6 +63,54 @@ def check_images(paths: Sequence[str]) -> None:
             raise ConKDError(
                 f"cannot read image {path}: {err}. Remove or replace the file."
             ) from err
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be decoded in full (truncated, corrupt, not an image), or None."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as err:
+        return f"{err}"
+    return None
+
+
+def drop_unreadable(
+    samples: Sequence[tuple[str, int]], where: str, workers: int = 2
+) -> list[tuple[str, int]]:
+    """``samples`` without the images that do not decode in full (the opt-in
+    ``dataset.source.skip_bad_images``); says how many it dropped, naming the first few."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [p for p, _ in samples]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(
+            tqdm(pool.map(_unreadable, paths), total=len(paths), desc=f"check {where}", leave=False)
+        )
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if bad:
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:3])
+        log.warning(
+            "skipped %d of %d images in %s that cannot be read (skip_bad_images=true): %s%s",
+            len(bad),
+            len(paths),
+            where,
+            shown,
+            " ..." if len(bad) > 3 else "",
+        )
+    return [s for s, r in zip(samples, reasons) if r is None]
+
+
+def _checked(
+    samples: list[tuple[str, int]], where: str, verify: bool, skip_bad: bool
+) -> list[tuple[str, int]]:
+    """Samples after the configured check: headers (``verify``) or a full decode that drops
+    unreadable files (``skip_bad``)."""
+    if skip_bad:
+        return drop_unreadable(samples, where)
+    if verify:
+        check_images([p for p, _ in samples])
+    return samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,13 +164,16 @@ class Source:
         return h.hexdigest()
 
 
-def _image_folder_split(path: Path, verify: bool) -> tuple[list[str], Split]:
+def _image_folder_split(path: Path, verify: bool, skip_bad: bool) -> tuple[list[str], Split]:
     if not path.is_dir():
         raise ConKDError(f"dataset folder {path} does not exist")
     folder = datasets.ImageFolder(str(path), loader=load_rgb, is_valid_file=None)
-    if verify:
-        check_images([p for p, _ in folder.samples])
-    return folder.classes, Split([p for p, _ in folder.samples], folder.targets, load_rgb)
+    samples = _checked(folder.samples, str(path), verify, skip_bad)
+    left = {t for _, t in samples}
+    empty = [c for i, c in enumerate(folder.classes) if i not in left]
+    if empty:
+        raise ConKDError(f"class folder(s) {', '.join(empty)} in {path} have no readable images")
+    return folder.classes, Split([p for p, _ in samples], [t for _, t in samples], load_rgb)
 
 
 class ImageFolderSource(Source):
@@ -127,7 +182,12 @@ class ImageFolderSource(Source):
     name = "imagefolder"
 
     def __init__(
-        self, root: str, train_dir: str = "train", test_dir: str = "val", verify: bool = True
+        self,
+        root: str,
+        train_dir: str = "train",
+        test_dir: str = "val",
+        verify: bool = True,
+        skip_bad_images: bool = False,
     ) -> None:
         base = Path(root).expanduser()
         if not base.is_dir():
@@ -136,8 +196,9 @@ class ImageFolderSource(Source):
                 f"with {train_dir}/<class>/ and {test_dir}/<class>/ image folders"
             )
         try:
-            self.classes, self.train = _image_folder_split(base / train_dir, verify)
-            test_classes, self.test = _image_folder_split(base / test_dir, verify)
+            split = (verify, skip_bad_images)
+            self.classes, self.train = _image_folder_split(base / train_dir, *split)
+            test_classes, self.test = _image_folder_split(base / test_dir, *split)
         except FileNotFoundError as err:  # ImageFolder: no class folders / no images
             raise ConKDError(
                 f"dataset root {base} is empty or incomplete ({err}); it needs "
@@ -163,7 +224,12 @@ class ImagenetteSource(Source):
     name = "imagenette"
 
     def __init__(
-        self, root: str, size: str = "160px", download: bool = True, verify: bool = False
+        self,
+        root: str,
+        size: str = "160px",
+        download: bool = True,
+        verify: bool = False,
+        skip_bad_images: bool = False,
     ) -> None:
         if size not in ("160px", "320px", "full"):
             raise ConKDError(f"dataset.source.size must be 160px, 320px or full, got {size!r}")
@@ -181,9 +247,10 @@ class ImagenetteSource(Source):
                 "existing train/ + val/ copy"
             ) from err
         self.classes = [names[0] for names in (train._WNID_TO_CLASS[w] for w in train.wnids)]
-        samples = [train._samples, test._samples]
-        if verify:
-            check_images([p for s in samples for p, _ in s])
+        samples = [
+            _checked(list(d._samples), f"{root_path} {d._split}", verify, skip_bad_images)
+            for d in (train, test)
+        ]
         self.train = Split([p for p, _ in samples[0]], [t for _, t in samples[0]], load_rgb)
         self.test = Split([p for p, _ in samples[1]], [t for _, t in samples[1]], load_rgb)
         self.location = str(root_path.resolve())
@@ -301,26 +368,63 @@ _ORDER_STREAM = 2**32 - 1  # an "index" no sample has: the stream of the shuffli
 
 
 class EpochSampler(Sampler):
-    """Yields ``(epoch, index)``; the order is a permutation seeded by (seed, epoch) alone."""
+    """Yields ``(epoch, index)``; the order is a permutation seeded by (seed, epoch) alone.
 
-    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
+    ``start`` skips the first ``start`` samples of the order: a run resumed mid-epoch continues
+    with exactly the samples (and, as augmentation is seeded per sample, the views) it had left.
+    With ``world`` > 1 (torchrun) it yields rank ``rank``'s share: with ``batch_size`` (the global
+    training batch) the rank's contiguous slice of every full global batch, so the ranks together
+    see exactly a one-process run's batches; without it every ``world``-th sample.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool,
+        start: int = 0,
+        batch_size: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
+        self.start = start
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        n = max(self.size - self.start, 0)
+        if self.world == 1:
+            return n
+        if self.batch_size:
+            return n // self.batch_size * (self.batch_size // self.world)
+        return len(range(self.rank, n, self.world))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, _ORDER_STREAM))
             order = torch.randperm(self.size, generator=g).tolist()
         else:
-            order = range(self.size)
+            order = list(range(self.size))
+        order = order[self.start :]
+        if self.world > 1 and self.batch_size:
+            from conkd.distributed import rank_slice
+
+            b, full = self.batch_size, len(order) // self.batch_size * self.batch_size
+            order = [
+                i
+                for s in range(0, full, b)
+                for i in rank_slice(order[s : s + b], self.rank, self.world)
+            ]
+        elif self.world > 1:
+            order = order[self.rank :: self.world]
         return ((self.epoch, i) for i in order)
 
 
@@ -422,6 +526,11 @@ class DataModule:
             raise ConKDError(f"dataset.batch_size must be >= 2, got {batch_size}")
         if not 0 < val_fraction < 1:
             raise ConKDError(f"dataset.val_fraction must be in (0, 1), got {val_fraction}")
+        if len(source.classes) < 2:
+            raise ConKDError(
+                f"the dataset has {len(source.classes)} class ({', '.join(source.classes)}); "
+                "classification needs at least 2 class folders"
+            )
         self.source = source
         self.name = name or source.name
         self.root = root  # informational: the source was built from it
@@ -450,6 +559,8 @@ class DataModule:
         #: Where decoded batches are augmented (the decode-once pipeline only; PIL batches are
         #: made on the CPU and moved by the training loop).
         self.device = torch.device("cpu")
+        #: This process's rank and the number of processes (torchrun); set by conkd.run.
+        self.rank, self.world = 0, 1
         self.decode = _decode_options(decode, image_size, augment.get("crop", "resized"))
         self._decoded: dict[str, DecodedArray] = {}
 
@@ -466,21 +577,35 @@ class DataModule:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            # Its own generator: workers' base seeds are not drawn from the global RNG (views are
+            # seeded per sample anyway), so creating a loader mid-run leaves that RNG as it was
+            # and a resumed run draws the same dropout masks as an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def train_loader(self, epoch: int) -> Iterable:
-        """Loader for one training epoch; drops the last incomplete batch (BatchNorm, SupCon)."""
+    def train_loader(self, epoch: int, start: int = 0) -> Iterable:
+        """Loader for one training epoch; drops the last incomplete batch (BatchNorm, SupCon).
+
+        ``start`` skips the epoch's first ``start`` batches (a mid-epoch resume); the loader's
+        length is then the number of batches left. Under torchrun each rank gets its
+        ``batch_size / world`` share of every batch.
+        """
         if self.decode is not None:
-            return self._decoded_loader(self.train, "train", epoch, train=True)
-        sampler = EpochSampler(len(self.train), self.seed, shuffle=True)  # one per loader: a
-        sampler.set_epoch(epoch)  # loader made earlier keeps its epoch's order
-        return self._loader(self.train, sampler, self.batch_size, drop_last=True)
+            return self._decoded_loader(self.train, "train", epoch, train=True, start=start)
+        sampler = EpochSampler(
+            len(self.train), self.seed, shuffle=True, start=start * self.batch_size,
+            batch_size=self.batch_size, rank=self.rank, world=self.world,
+        )  # fmt: skip
+        sampler.set_epoch(epoch)  # one sampler per loader: a loader made earlier keeps its order
+        return self._loader(self.train, sampler, self.batch_size // self.world, drop_last=True)
 
     def eval_loader(self, split: str) -> Iterable:
+        """Loader over the un-augmented ``val`` or ``test`` split (each rank's share of it under
+        torchrun; the evaluation sums its counts over ranks)."""
         dataset = {"val": self.val, "test": self.test}[split]
         if self.decode is not None:
             return self._decoded_loader(dataset, "test" if split == "test" else "train", 0, False)
-        sampler = EpochSampler(len(dataset), self.seed, shuffle=False)
+        sampler = EpochSampler(len(dataset), self.seed, False, rank=self.rank, world=self.world)
         return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
 
     def pipeline(self) -> dict[str, Any]:
@@ -537,7 +662,7 @@ class DataModule:
         return self._decoded[name]
 
     def _decoded_loader(
-        self, dataset: AugmentedDataset, name: str, epoch: int, train: bool
+        self, dataset: AugmentedDataset, name: str, epoch: int, train: bool, start: int = 0
     ) -> DecodedLoader:
         from conkd.decoded import BatchAugment, DecodedLoader
 
@@ -552,6 +677,9 @@ class DataModule:
             drop_last=train,
             seed=self.seed,
             device=self.device,
+            start=start,
+            rank=self.rank,
+            world=self.world,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -524,7 +524,8 @@ def _crop_padded(x: Tensor, offsets: Tensor, padding: int, out: int) -> Tensor:
 
 
 class DecodedLoader:
-    """One epoch of ``(x, y, i)`` batches from a decoded array, in :class:`EpochSampler` order.
+    """One epoch of ``(x, y, i)`` batches from a decoded array, in :class:`EpochSampler` order,
+    from batch ``start`` on.
 
     Dataset position ``i`` is split item ``rows[i]`` with label ``targets[i]`` (as
     ``AugmentedDataset`` maps ``i`` to ``indices[i]``). A background thread gathers the next
@@ -546,6 +547,9 @@ class DecodedLoader:
         seed: int,
         device: torch.device | str = "cpu",
         prefetch: int = 2,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if len(rows) != len(targets):
             raise ValueError(f"{len(rows)} rows but {len(targets)} targets")
@@ -556,22 +560,26 @@ class DecodedLoader:
         self.epoch = epoch
         self.batch_size = batch_size
         self.drop_last = drop_last
-        self.sampler = EpochSampler(len(self.rows), seed, shuffle)
+        self.start = start  # batches of the epoch already trained on (a mid-epoch resume)
+        # Training: batch_size is the global batch, each rank takes its slice of every batch.
+        global_batch = batch_size if drop_last else None
+        self.sampler = EpochSampler(
+            len(self.rows), seed, shuffle, start * batch_size, global_batch, rank, world
+        )
         self.sampler.set_epoch(epoch)
+        self.local_batch = batch_size // world if drop_last else batch_size
         self.device = torch.device(device)
         self.prefetch = max(1, prefetch)
 
     def __len__(self) -> int:
-        n = len(self.rows)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n = len(self.sampler)
+        return n // self.local_batch if self.drop_last else math.ceil(n / self.local_batch)
 
     def batches(self) -> list[list[int]]:
-        """The dataset positions of each batch, in order."""
+        """The dataset positions of each batch still to come (this rank's share), in order."""
         order = [i for _, i in self.sampler]
-        cut = len(self) * self.batch_size
-        return [
-            order[s : s + self.batch_size] for s in range(0, min(cut, len(order)), self.batch_size)
-        ]
+        b = self.local_batch
+        return [order[s : s + b] for s in range(0, len(self) * b, b)]
 
     def _gather(self, positions: list[int]) -> tuple[Tensor, Tensor, Tensor, ViewParams | None]:
         index = torch.tensor(positions, dtype=torch.int64)

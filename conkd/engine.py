@@ -12,6 +12,7 @@ and pruning are callbacks and a run can resume from a saved state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from conkd import distributed
 from conkd.errors import DivergedError
 
 
@@ -93,67 +95,122 @@ class Job:
 
 @dataclass
 class TrainState:
-    """Where training stands: the next epoch, optimizer steps so far, the best epoch's metrics
-    and every finished epoch's metrics. Saved in checkpoints; a fresh state starts at epoch 0."""
+    """Where training stands, everything a checkpoint needs to continue exactly.
+
+    ``epoch`` is the epoch in progress (or next), ``batch`` the batches of it already trained on
+    and ``sums`` / ``seen`` their sample-weighted loss terms; ``step`` counts optimizer steps,
+    ``best`` holds the best epoch's metrics and ``history`` every finished epoch's. A fresh state
+    starts at epoch 0, batch 0.
+    """
 
     epoch: int = 0
     step: int = 0
+    batch: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
     best: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
 
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
 
 class Callback(Protocol):
-    """Called after each epoch's validation; returning True stops training (a pruned trial)."""
+    """Called after each epoch's validation; returning True stops training (a pruned trial).
+
+    A callback may also define ``on_step_end(state)``, called after every optimizer step.
+    """
 
     def on_epoch_end(
         self, state: TrainState, metrics: Mapping[str, float], is_best: bool
     ) -> bool | None: ...
 
 
-def train_one_epoch(job: Job, loader: Iterable, epoch: int, state: TrainState) -> dict[str, float]:
-    """One pass over ``loader``; returns sample-averaged loss terms, lr and throughput."""
+def _check_finite(x: Tensor, terms: Mapping[str, Tensor], epoch: int, batch: int) -> None:
+    """Name the cause of a non-finite loss: bad input values, or divergence."""
+    if not torch.isfinite(terms["loss"]):
+        where = f"at epoch {epoch} batch {batch}"
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise DivergedError(
+                f"the input batch {where} holds {bad} NaN/Inf values; check the dataset and "
+                "its transforms"
+            )
+        detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+        raise DivergedError(
+            f"non-finite loss {where} ({detail}); lower optimizer.lr or enable trainer.grad_clip"
+        )
+
+
+def _accumulate(state: TrainState, terms: Mapping[str, Tensor], n: int) -> int:
+    """Add a batch's sample-weighted loss terms to ``state``: summed over all ranks under
+    torchrun, so every rank (and its checkpoint) holds the global sums. Returns the samples."""
+    if distributed.active():
+        local = torch.stack([v.detach().double() * n for v in terms.values()])
+        totals = distributed.all_reduce_sum(torch.cat([local, local.new_tensor([n])])).tolist()
+        values, n = totals[:-1], int(totals[-1])
+    else:
+        values = [v.item() * n for v in terms.values()]
+    for k, v in zip(terms, values):
+        state.sums[k] = state.sums.get(k, 0.0) + v
+    state.seen += n
+    return n
+
+
+def train_one_epoch(
+    job: Job,
+    loader: Iterable,
+    epoch: int,
+    state: TrainState,
+    on_step: Callable[[TrainState], None] | None = None,
+) -> dict[str, float]:
+    """Train on ``loader`` (the batches of ``epoch`` from ``state.batch`` on), calling
+    ``on_step(state)`` after each step; returns the epoch's sample-averaged loss terms, lr and
+    throughput (of this process's share when resumed mid-epoch)."""
     model, opts, device = job.model, job.options, job.device
     model.train()
-    sums: dict[str, float] = defaultdict(float)
-    seen = 0
-    total = len(loader) if opts.max_steps is None else min(len(loader), opts.max_steps)  # type: ignore[arg-type]
-    start = time.perf_counter()
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch}", leave=False, disable=not opts.progress)
-    for step, (x, y, index) in enumerate(bar):
-        if step >= total:
+    total = state.batch + len(loader)  # type: ignore[arg-type]
+    total = total if opts.max_steps is None else min(total, opts.max_steps)
+    start, seen_here = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=state.batch, desc=f"epoch {epoch}", leave=False,
+               disable=not opts.progress)  # fmt: skip
+    for x, y, index in loader:
+        if state.batch >= total:
             break
         x, y = to_device(x, device, opts.channels_last), y.to(device, non_blocking=True)
         with autocast(device, opts.precision):
             t_out = job.teacher(x, epoch, index) if job.teacher is not None else None
             terms = job.objective(model(x), t_out, y)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            raise DivergedError(
-                f"non-finite loss at epoch {epoch} step {step} ({detail}); "
-                "lower optimizer.lr or enable trainer.grad_clip"
-            )
+        _check_finite(x, terms, epoch, state.batch)
         job.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         if opts.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
         job.optimizer.step()
         if job.scheduler is not None:
             job.scheduler.step()
+        n = _accumulate(state, terms, y.shape[0])
         state.step += 1
-        n = y.shape[0]
-        seen += n
-        for k, v in terms.items():
-            sums[k] += v.item() * n
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", img_s=f"{seen / elapsed:.0f}")
+        state.batch += 1
+        seen_here += n
+        bar.update()
+        bar.set_postfix(loss=f"{state.sums['loss'] / state.seen:.4f}",
+                        img_s=f"{seen_here / (time.perf_counter() - start):.0f}")  # fmt: skip
+        if on_step is not None:
+            on_step(state)
     bar.close()
     elapsed = time.perf_counter() - start
-    out = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
+    out = {f"train/{k}": v / max(state.seen, 1) for k, v in state.sums.items()}
     out["train/lr"] = job.optimizer.param_groups[0]["lr"]
     out["train/epoch_time_s"] = elapsed
-    out["train/throughput_img_s"] = seen / elapsed if elapsed > 0 else math.nan
+    out["train/throughput_img_s"] = seen_here / elapsed if elapsed > 0 else math.nan
+    state.batch, state.sums, state.seen = 0, {}, 0
     return out
 
 
@@ -194,6 +251,13 @@ def evaluate(
         idx = (y * num_classes + top[:, 0]).cpu()
         confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
         seen += y.shape[0]
+    if distributed.active():  # each rank saw its share of the split: sum the counts
+        names = sorted(sums)
+        packed = torch.tensor([correct5, seen, *(sums[k] for k in names)], dtype=torch.float64)
+        packed = distributed.all_reduce_sum(packed).tolist()
+        correct5, seen = int(packed[0]), int(packed[1])
+        sums = dict(zip(names, packed[2:]))
+        confusion = distributed.all_reduce_sum(confusion)
     metrics = {
         f"{prefix}/top1": 100.0 * confusion.diag().sum().item() / max(seen, 1),
         f"{prefix}/top5": 100.0 * correct5 / max(seen, 1),
@@ -220,24 +284,33 @@ def validate(job: Job, loader: Iterable) -> dict[str, float]:
 
 def fit(
     job: Job,
-    train_loader: Callable[[int], Iterable],
+    train_loader: Callable[[int, int], Iterable],
     val_loader: Iterable,
     state: TrainState | None = None,
     callbacks: Sequence[Callback] = (),
     log: Callable[[str], None] = print,
 ) -> TrainState:
-    """Train from ``state.epoch`` to ``job.options.epochs``; after each epoch validate and call
-    every callback's ``on_epoch_end``; any of them may stop training (a pruned sweep trial).
+    """Train from ``state`` (epoch and batch) to ``job.options.epochs``; after each epoch
+    validate and call every callback's ``on_epoch_end``; any of them may stop training (a pruned
+    sweep trial). Callbacks with ``on_step_end`` are also called after every step.
 
-    ``train_loader(epoch)`` returns that epoch's loader (its augmentation depends on the epoch).
-    ``state.best`` ends as the metrics of the best epoch by ``options.monitor``.
+    ``train_loader(epoch, start)`` returns that epoch's loader from batch ``start`` on (its
+    augmentation depends on the epoch). ``state.best`` ends as the best epoch's metrics by
+    ``options.monitor``.
     """
     opts = job.options
     state = state or TrainState()
     sign = 1.0 if opts.mode == "max" else -1.0
+    steppers = [cb.on_step_end for cb in callbacks if hasattr(cb, "on_step_end")]
+
+    def on_step(s: TrainState) -> None:
+        for fn in steppers:
+            fn(s)
+
     while state.epoch < opts.epochs and not state.stopped_early:
         epoch = state.epoch
-        metrics = train_one_epoch(job, train_loader(epoch), epoch, state)
+        loader = train_loader(epoch, state.batch)
+        metrics = train_one_epoch(job, loader, epoch, state, on_step if steppers else None)
         metrics.update(validate(job, val_loader))
         if opts.monitor not in metrics:
             raise KeyError(f"objective {opts.monitor!r} is not among the metrics {sorted(metrics)}")
@@ -252,8 +325,9 @@ def fit(
             f"lr {metrics['train/lr']:.3g}  {metrics['train/throughput_img_s']:.0f} img/s"
             + ("  *best*" if is_best else "")
         )
-        stops = [bool(cb.on_epoch_end(state, metrics, is_best)) for cb in callbacks]
-        if any(stops):
-            state.stopped_early = True
+        for cb in callbacks:  # in order: a later one (the checkpointer) sees an earlier stop
+            if cb.on_epoch_end(state, metrics, is_best):
+                state.stopped_early = True
+        if state.stopped_early:
             log(f"stopped early after epoch {epoch + 1}")
     return state

@@ -12,3 +12,13 @@ class ConKDError(Exception):
 
 class DivergedError(ConKDError):
     """The training loss became NaN or infinite."""
+
+
+def message(err: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker ("Caught ConKDError in
+    DataLoader worker process 0. Original Traceback ..."), only the original message."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[-1] if ": " in last else last
+    return text

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conkd import distributed
+
 #: Network outputs a term may consume (see :class:`conkd.models.Network`).
 OUTPUTS = ("logits", "embedding", "projection")
 
@@ -173,6 +175,10 @@ class SupConLoss(nn.Module):
         self.base_temperature = base_temperature
 
     def forward(self, student: Tensor, teacher: Tensor | None, labels: Tensor) -> Tensor:
+        # Under torchrun, training contrasts the global batch (every rank's features, with
+        # gradients back to each rank's own); evaluation (no grad) stays on the local batch.
+        if torch.is_grad_enabled():
+            student, labels = distributed.gather_with_grad(student), distributed.gather(labels)
         return supcon_loss(student, labels, self.temperature, self.base_temperature)
 
 

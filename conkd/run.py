@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from conkd import checkpoint as ckpt_io
-from conkd import plots
-from conkd.checkpoint import Checkpointer
+from conkd import distributed, plots, resume
+from conkd.checkpoint import LAST, Checkpointer
 from conkd.data import DataModule
 from conkd.engine import (
     Callback,
@@ -104,9 +104,20 @@ def validate(cfg: DictConfig) -> None:
             raise ConKDError(f"loss.{key} must be > 0, got {value}")
         if (key == "alpha" or key.endswith("weight")) and not value >= 0:
             raise ConKDError(f"loss.{key} must be >= 0, got {value}")
-    lr = cfg.optimizer.get("lr")
-    if lr is not None and not lr > 0:
-        raise ConKDError(f"optimizer.lr must be > 0, got {lr}")
+    # Nodes passed to constructors as they are have no schema: check their numbers by name.
+    for key, low in (
+        ("optimizer.lr", 0),
+        ("optimizer.weight_decay", None),
+        ("dataset.batch_size", 2),
+        ("dataset.image_size", 8),
+    ):
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConKDError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
+        if low is not None and not (value > low if low == 0 else value >= low):
+            raise ConKDError(f"{key} must be {'> 0' if low == 0 else f'>= {low}'}, got {value}")
     if cfg.objective_mode not in ("max", "min"):
         raise ConKDError(f"objective_mode must be max or min, got {cfg.objective_mode!r}")
     if cfg.trainer.epochs < 1:
@@ -155,7 +166,7 @@ def git_state(root: Path) -> dict[str, str]:
 
 
 def run_tags(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> dict[str, str]:
-    tags = {"stage": cfg.stage, "command": shlex.join(sys.argv)}
+    tags = {"stage": str(cfg.stage), "command": shlex.join(sys.argv)}
     tags.update(git_state(Path(cfg.paths.root_dir)))
     if hydra_cfg:
         tags["overrides"] = " ".join(hydra_cfg.get("overrides", []))
@@ -192,6 +203,8 @@ class Parts:
     reporter: TrialReporter | None
     teacher_tags: dict[str, str]
     setup_metrics: dict[str, float]
+    resume_from: dict[str, Any] | None = None  # the checkpoint to continue, see conkd.resume
+    ctx: distributed.Context = distributed.Context()  # torchrun rank / world
 
     @property
     def ckpt_dir(self) -> Path:
@@ -340,18 +353,63 @@ def build_optimization(
     return optimizer, scheduler
 
 
+def build_job(
+    cfg: DictConfig,
+    data: DataModule,
+    model: nn.Module,
+    objective: Objective,
+    teacher_fn: TeacherFn | None,
+    device: torch.device,
+    ctx: distributed.Context,
+) -> Job:
+    """The network on its device (DDP under torchrun), optimizer, scheduler and loop options."""
+    memory = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    unused_head = (
+        getattr(model, "projector", None) is not None and "projection" not in objective.inputs
+    )
+    model = distributed.wrap(model.to(device, memory_format=memory), ctx, device, not unused_head)
+    if cfg.trainer.compile:
+        model.compile()  # in place: state_dict keys and checkpoints stay as without it
+    steps_per_epoch = len(data.train) // data.batch_size
+    if cfg.trainer.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
+    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
+    options = Options(
+        epochs=cfg.trainer.epochs,
+        num_classes=data.num_classes,
+        monitor=cfg.objective,
+        mode=str(cfg.objective_mode),
+        precision=str(cfg.trainer.precision),
+        channels_last=cfg.trainer.channels_last,
+        max_steps=cfg.trainer.max_steps_per_epoch,
+        grad_clip=cfg.trainer.grad_clip,
+        progress=cfg.trainer.progress and ctx.is_main,
+    )
+    return Job(model, objective, optimizer, scheduler, device, options, teacher_fn)
+
+
+def shard(data: DataModule, ctx: distributed.Context) -> None:
+    """Give each torchrun rank its share of every batch (after the teacher cache, which is
+    built over whole batches)."""
+    if data.batch_size % ctx.world:
+        raise ConKDError(
+            f"dataset.batch_size={data.batch_size} (the global batch) must be divisible by the "
+            f"{ctx.world} processes"
+        )
+    data.rank, data.world = ctx.rank, ctx.world
+
+
 def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
     """Validate the config and build data, networks, teacher, optimizer and tracker."""
     validate(cfg)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
-    out_dir = Path(cfg.paths.output_dir)
-    for name in ("best.pt", "last.pt"):
-        if (out_dir / "checkpoints" / name).exists():
-            raise ConKDError(
-                f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run; "
-                "choose another hydra.run.dir so they are not overwritten"
-            )
+    ctx = distributed.from_env()
+    device = distributed.setup(ctx, resolve_device(cfg.trainer.device))
+    if not ctx.is_main:
+        log.setLevel(logging.WARNING)  # rank 0 speaks for the run
+    # one output folder for all ranks: rank 0's (each rank's Hydra made its own)
+    out_dir = Path(distributed.broadcast(str(cfg.paths.output_dir)))
+    checkpoint, same_run = resume.find(str(cfg.resume), out_dir)
     tracking_uri, artifact_location = resolve_store(cfg.paths.root_dir, cfg.mlflow.tracking_uri)
     if cfg.mlflow.enabled:
         prepare_store(tracking_uri)
@@ -372,52 +430,46 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
             f"loss={cfg.loss.name} reads the projection, but the model has none; "
             "set model.projection_dim (e.g. 128)"
         )
-    memory = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory)
-    if cfg.trainer.compile:
-        model.compile()  # in place: state_dict keys and checkpoints stay as without it
-
-    steps_per_epoch = len(data.train) // data.batch_size
-    if cfg.trainer.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
-    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
-    options = Options(
-        epochs=cfg.trainer.epochs,
-        num_classes=data.num_classes,
-        monitor=cfg.objective,
-        mode=cfg.objective_mode,
-        precision=str(cfg.trainer.precision),
-        channels_last=cfg.trainer.channels_last,
-        max_steps=cfg.trainer.max_steps_per_epoch,
-        grad_clip=cfg.trainer.grad_clip,
-        progress=cfg.trainer.progress,
-    )
-    job = Job(model, objective, optimizer, scheduler, device, options, teacher_fn)
+    shard(data, ctx)
+    job = build_job(cfg, data, model, objective, teacher_fn, device, ctx)
+    if checkpoint is not None:
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        resume.check_same_run(checkpoint, resolved, teacher_tags)
     tracker = Tracker(
-        enabled=cfg.mlflow.enabled,
+        enabled=cfg.mlflow.enabled and ctx.is_main,
         tracking_uri=tracking_uri,
         experiment_name=cfg.mlflow.experiment_name,
         run_name=cfg.mlflow.run_name or run_name(cfg, objective.needs_teacher),
         artifact_location=artifact_location,
         parent_run_id=sweep_parent_run_id(hydra_cfg and hydra_cfg.get("sweep_dir")),
         tags={**run_tags(cfg, hydra_cfg), **teacher_tags},
+        resume_run_id=checkpoint.get("run_id") if same_run and checkpoint else None,
+        pending_file=out_dir / "mlflow_pending.json",
     )
     reporter = reporter_from_hydra(cfg, hydra_cfg and hydra_cfg.get("sweeper"))
-    return Parts(job, data, spec, tracker, out_dir, reporter, teacher_tags, cache_metrics)
+    return Parts(
+        job, data, spec, tracker, out_dir, reporter if ctx.is_main else None, teacher_tags,
+        cache_metrics, checkpoint, ctx,
+    )  # fmt: skip
 
 
 def record_start(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
     """Params, dataset input and ``config.yaml`` of a started run; returns the resolved config."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(resolved, dict)
     tracker, data = parts.tracker, parts.data
-    tracker.log_params(flatten(resolved))
-    tracker.log_params({f"model.{k}": v for k, v in model_summary(parts.job.model).items()})
-    tracker.log_params({f"data.{k}": v for k, v in data.describe().items()})
-    tracker.log_dataset(data.fingerprint())
-    tracker.log_metrics(parts.setup_metrics)
-    parts.out_dir.mkdir(parents=True, exist_ok=True)
-    (parts.out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if parts.reporter is not None:
+        parts.reporter.record_checkpoint(parts.ckpt_dir / LAST)
+    if not tracker.resumed:  # a continued run has them (and MLflow params are immutable)
+        tracker.log_params(flatten(resolved))
+        net = distributed.unwrap(parts.job.model)
+        tracker.log_params({f"model.{k}": v for k, v in model_summary(net).items()})
+        tracker.log_params({f"data.{k}": v for k, v in data.describe().items()})
+        tracker.log_dataset(data.fingerprint())
+        tracker.log_metrics(parts.setup_metrics)
+    if parts.ctx.is_main:
+        parts.out_dir.mkdir(parents=True, exist_ok=True)
+        (parts.out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     log.info(
         "stage=%s model=%s teacher=%s loss=%s optimizer=%s device=%s data=%s",
         cfg.stage,
@@ -432,22 +484,63 @@ def record_start(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
 
 
 def callbacks(cfg: DictConfig, parts: Parts, resolved: dict[str, Any]) -> list[Callback]:
-    """Per-epoch work around the loop: metrics to MLflow, checkpoints, the sweep's pruner."""
+    """Per-epoch work around the loop, in order: the sweep's pruner (its decision is saved),
+    checkpoints, then metrics to MLflow (a resumed run logs any epoch a kill cut off). Under
+    torchrun these run on rank 0, and every rank then learns whether the pruner stopped."""
+    job = parts.job
+    if not parts.ctx.is_main:
+        return [SharedStop()]
     checkpointer = Checkpointer(
         parts.ckpt_dir,
-        parts.job.model,
+        distributed.unwrap(job.model),
         parts.spec,
+        job.optimizer,
+        job.scheduler,
+        every_steps=cfg.trainer.checkpoint_every_steps,
         classes=parts.data.classes,
-        stage=cfg.stage,
+        stage=str(cfg.stage),
         config=resolved,
         run_id=parts.tracker.run_id,
+        teacher_tags=parts.teacher_tags,
     )
-    return [parts.tracker, checkpointer, *([parts.reporter] if parts.reporter else [])]
+    cbs: list[Callback] = [*([parts.reporter] if parts.reporter else []), checkpointer]
+    return [*cbs, parts.tracker, *([SharedStop()] if parts.ctx.enabled else [])]
+
+
+class SharedStop:
+    """Training callback (last, on every rank under torchrun): rank 0's decision to stop
+    (a pruned trial) for all ranks."""
+
+    def on_epoch_end(self, state: TrainState, metrics: Any, is_best: bool) -> bool:
+        return bool(distributed.broadcast(state.stopped_early))
+
+
+def start_state(parts: Parts, cbs: list[Callback]) -> TrainState:
+    """A fresh state, or the resumed one with weights, optimizer, scheduler and RNG restored;
+    callbacks with ``on_resume`` then catch up (metrics a kill cut off, the pruner's curve)."""
+    ckpt = parts.resume_from
+    if ckpt is None:
+        return TrainState()
+    job = parts.job
+    ckpt_io.restore(ckpt, distributed.unwrap(job.model), job.optimizer, job.scheduler)
+    state = TrainState.from_state_dict(ckpt["train_state"])
+    log.info(
+        "resuming from %s: epoch %d/%d, batch %d, step %d",
+        ckpt["path"],
+        state.epoch + 1,
+        job.options.epochs,
+        state.batch,
+        state.step,
+    )
+    for cb in cbs:
+        if hasattr(cb, "on_resume"):
+            cb.on_resume(state)
+    return state
 
 
 def test_best(cfg: DictConfig, parts: Parts) -> tuple[dict[str, float], Any]:
     """Test the best checkpoint, not the last epoch's weights."""
-    model, opts = parts.job.model, parts.job.options
+    model, opts = distributed.unwrap(parts.job.model), parts.job.options
     best = ckpt_io.load_checkpoint(parts.ckpt_dir / "best.pt")
     model.load_state_dict(best["state_dict"])
     return evaluate(
@@ -466,10 +559,11 @@ def finish(cfg: DictConfig, parts: Parts, state: TrainState) -> float:
     """Test, write the summary, plots and artifacts, register teachers; returns the objective.
 
     A pruned sweep trial is not tested: the sweep has already ruled it out, and testing its
-    best checkpoint would cost as much as an epoch of a 40-step trial.
+    best checkpoint would cost as much as an epoch of a 40-step trial. Under torchrun every
+    rank tests its share; rank 0 writes and logs.
     """
     tracker, out_dir, best = parts.tracker, parts.out_dir, state.best
-    pruned = parts.reporter is not None and parts.reporter.pruned
+    pruned = distributed.broadcast(parts.reporter is not None and parts.reporter.pruned)
     value = float(best[cfg.objective])
     summary = {"best/epoch": best["epoch"], f"best/{cfg.objective}": value, "objective": value}
     if pruned:
@@ -478,8 +572,10 @@ def finish(cfg: DictConfig, parts: Parts, state: TrainState) -> float:
     else:
         test, confusion = test_best(cfg, parts)
         summary = {**test, **summary}
+    if not parts.ctx.is_main:
+        return value
     tracker.log_metrics(summary, step=cfg.trainer.epochs)
-    meta = {"stage": cfg.stage, "run_id": tracker.run_id, "run_name": tracker.run_name}
+    meta = {"stage": str(cfg.stage), "run_id": tracker.run_id, "run_name": tracker.run_name}
     (out_dir / "metrics.json").write_text(json.dumps({**meta, **summary}, indent=2))
     plots.learning_curves(state.history, out_dir / "learning_curves.png")
     if confusion is not None:
@@ -528,7 +624,7 @@ def publish_model(cfg: DictConfig, parts: Parts) -> None:
     if cfg.mlflow.log_checkpoint or register:
         parts.tracker.log_artifact(parts.ckpt_dir / "best.pt", "checkpoints")
     if cfg.mlflow.log_model or register:
-        version = log_model(parts.tracker, parts.job.model.cpu(), name, alias)
+        version = log_model(parts.tracker, distributed.unwrap(parts.job.model).cpu(), name, alias)
         if version:
             log.info("registered models:/%s@%s (version %s)", name, alias, version)
 
@@ -539,14 +635,24 @@ def run(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = None) -> float:
     ``hydra_cfg`` carries the job's overrides and output dir when run under Hydra.
     """
     parts = setup(cfg, hydra_cfg)
+    try:
+        return fit_and_finish(cfg, parts)
+    finally:
+        if parts.ctx.enabled:
+            distributed.teardown()
+
+
+def fit_and_finish(cfg: DictConfig, parts: Parts) -> float:
+    """Inside the MLflow run: record the start, fit (or resume) with callbacks, finish."""
     with parts.tracker:
         resolved = record_start(cfg, parts)
+        cbs = callbacks(cfg, parts, resolved)
         state = fit(
             parts.job,
             parts.data.train_loader,
             parts.data.eval_loader("val"),
-            TrainState(),
-            callbacks(cfg, parts, resolved),
+            start_state(parts, cbs),
+            cbs,
             log=log.info,
         )
         return finish(cfg, parts, state)

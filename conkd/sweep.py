@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ log = logging.getLogger("conkd")
 
 #: Optuna system attribute the job sets when its pruner stopped it (see the sweeper plugin).
 PRUNED_ATTR = "conkd:pruned"
+#: Optuna system attribute: the trial's resumable checkpoint (``last.pt``), set at its start.
+CHECKPOINT_ATTR = "conkd:checkpoint"
+#: Optuna system attributes: the worker (host, pid) that runs a trial, and the job's heartbeat.
+HOST_ATTR, PID_ATTR, HEARTBEAT_ATTR = "conkd:host", "conkd:pid", "conkd:heartbeat"
 #: Override the sweeper adds to each job to hand it its trial number.
 TRIAL_KEY = "optuna.trial"
 
@@ -63,8 +68,27 @@ class TrialReporter:
         return self.pruned
 
     def on_epoch_end(self, state: Any, metrics: Any, is_best: bool) -> bool:
-        """Training callback: report the monitored metric; True stops a pruned trial."""
+        """Training callback: report the monitored metric (and a heartbeat, so workers elsewhere
+        know the trial is alive); True stops a pruned trial."""
+        self._storage.set_trial_system_attr(self.trial._trial_id, HEARTBEAT_ATTR, time.time())
         return self.report(metrics[self.monitor], state.epoch - 1)
+
+    def record_checkpoint(self, path: Path) -> None:
+        """Tell the sweeper where this trial's resumable checkpoint will be: an interrupted
+        trial is re-queued with its parameters and continues from there."""
+        self._storage.set_trial_system_attr(self.trial._trial_id, CHECKPOINT_ATTR, str(path))
+
+    def on_resume(self, state: Any) -> None:
+        """A trial continuing an interrupted one reports the epochs it inherited, so the pruner
+        sees the whole curve; a trial the pruner had stopped stays stopped."""
+        reported = self._storage.get_trial(self.trial._trial_id).intermediate_values
+        for epoch, metrics in enumerate(state.history):
+            if epoch not in reported and math.isfinite(metrics[self.monitor]):
+                self.trial.report(metrics[self.monitor], epoch)
+        if state.history and self.trial.should_prune():
+            self.pruned = True
+            self._storage.set_trial_system_attr(self.trial._trial_id, PRUNED_ATTR, True)
+            state.stopped_early = True
 
 
 def reporter_from_hydra(cfg: DictConfig, hydra_sweeper: Any) -> TrialReporter | None:

@@ -8,21 +8,27 @@ server such as ``http://127.0.0.1:5000``).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
+import socket
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from conkd.errors import ConKDError
 
+log = logging.getLogger("conkd")
+
 # MLflow limits (mlflow.utils.validation): params per batch and value length.
 _PARAMS_PER_BATCH = 100
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 5000
+#: A tracking server that stops answering mid-run: fail fast, the batch is kept and resent.
+_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def default_store(root: str | Path) -> tuple[str, str]:
@@ -154,6 +160,10 @@ def get_or_create_experiment(client: Any, name: str, artifact_location: str | No
     return exp.experiment_id
 
 
+#: Tags a run carries so stale runs (their process gone) can be told from live ones.
+HOST_TAG, PID_TAG, HEARTBEAT_TAG = "conkd.host", "conkd.pid", "conkd.heartbeat"
+
+
 class Tracker:
     """A thin, failure-safe wrapper around one MLflow run.
 
@@ -161,6 +171,12 @@ class Tracker:
     the ``error`` tag) on an exception and KILLED on Ctrl-C, so a crash never leaves it open.
     With ``enabled=False`` every method is a no-op and the run is only logged to the console.
     Call :func:`prepare_store` first (``run`` does so at startup, before loading data).
+
+    ``resume_run_id`` continues that run (a resumed training run) instead of creating one. The
+    run carries its host, pid and a per-epoch heartbeat (``python -m conkd.runs`` lists runs whose
+    process is gone). If the store stops answering mid-run, metrics and tags are kept in memory,
+    a warning is printed, and they are sent when it answers again (each later call retries);
+    whatever is still unsent at the end goes to ``pending_file`` with a warning.
     """
 
     def __init__(
@@ -172,6 +188,8 @@ class Tracker:
         artifact_location: str | None = None,
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
+        pending_file: Path | None = None,
     ) -> None:
         self.enabled = enabled
         self.tracking_uri = tracking_uri
@@ -180,8 +198,13 @@ class Tracker:
         self.artifact_location = artifact_location
         self.parent_run_id = parent_run_id
         self.tags = dict(tags or {})
+        self.resume_run_id = resume_run_id
+        self.pending_file = pending_file
+        self.pending: list[dict[str, Any]] = []  # log_batch kwargs the store did not take
         self.client: Any = None
         self.run_id: str | None = None
+        self.resumed = False
+        self.offline = False  # the store stopped answering; batches are pending
 
     def __enter__(self) -> Tracker:
         if not self.enabled:
@@ -190,15 +213,35 @@ class Tracker:
 
         # The caller ran prepare_store() at startup (before data loading), not here again.
         self.client = mlflow.MlflowClient(self.tracking_uri)
-        exp_id = with_retry(
-            get_or_create_experiment, self.client, self.experiment_name, self.artifact_location
-        )
-        tags = {k: str(v)[:_MAX_TAG_LEN] for k, v in self.tags.items()}
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-        run = with_retry(self.client.create_run, exp_id, run_name=self.run_name, tags=tags)
-        self.run_id = run.info.run_id
+        self.resumed = self.resume_run_id is not None and self._reopen(self.resume_run_id)
+        if not self.resumed:
+            exp_id = with_retry(
+                get_or_create_experiment, self.client, self.experiment_name, self.artifact_location
+            )
+            tags = {k: str(v)[:_MAX_TAG_LEN] for k, v in self.tags.items()}
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            run = with_retry(self.client.create_run, exp_id, run_name=self.run_name, tags=tags)
+            self.run_id = run.info.run_id
+        self.set_tags({HOST_TAG: socket.gethostname(), PID_TAG: os.getpid()})
         return self
+
+    def _reopen(self, run_id: str) -> bool:
+        """Continue ``run_id`` (marked RUNNING again); False when the store no longer has it."""
+        try:
+            run = with_retry(self.client.get_run, run_id)
+        except Exception as err:
+            log.warning("MLflow run %s cannot be continued (%s); starting a new one", run_id, err)
+            return False
+        if run.info.lifecycle_stage == "deleted":
+            log.warning("MLflow run %s was deleted; starting a new one", run_id)
+            return False
+        with_retry(self.client.update_run, run_id, status="RUNNING")
+        if "error" in run.data.tags:  # from the crash being recovered from
+            with_retry(self.client.delete_tag, run_id, "error")
+        self.run_id = run_id
+        log.info("continuing MLflow run %s", run_id)
+        return True
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if not self.enabled or self.run_id is None:
@@ -210,9 +253,72 @@ class Tracker:
         else:
             status = "FAILED"
             self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:_MAX_TAG_LEN]})
-        with_retry(self.client.set_terminated, self.run_id, status=status)
+        self._flush()
+        if self.pending:
+            self._write_pending()
+        try:
+            with_retry(self.client.set_terminated, self.run_id, status=status)
+        except Exception as err:
+            log.warning("MLflow run %s could not be marked %s: %s", self.run_id, status, err)
 
     # --- logging -----------------------------------------------------------------------------
+
+    def _send(self, **batch: Any) -> None:
+        """``log_batch`` now, or keep it for later when the store does not answer."""
+        self.pending.append(batch)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what is pending, oldest first; stop at the first failure (with one warning)."""
+        while self.pending:
+            try:
+                with _env(**_QUICK_HTTP) if self.tracking_uri.startswith("http") else nullcontext():
+                    with_retry(self.client.log_batch, self.run_id, **self.pending[0])
+            except Exception as err:
+                if not self.offline:
+                    first = (str(err).splitlines() or [""])[0][:200]
+                    log.warning(
+                        "MLflow store %s does not answer (%s): training goes on, metrics are "
+                        "kept and sent when it is back",
+                        self.tracking_uri,
+                        first,
+                    )
+                self.offline = True
+                return
+            self.pending.pop(0)
+            if self.offline and not self.pending:
+                log.warning(
+                    "MLflow store %s answers again: pending metrics sent", self.tracking_uri
+                )
+                self.offline = False
+
+    def _write_pending(self) -> None:
+        """Unsent metrics and tags to a JSON file (``python -m conkd.runs replay FILE``)."""
+        import json
+
+        if self.pending_file is None:
+            log.warning("MLflow: %d unsent log batches are lost", len(self.pending))
+            return
+        rows = [
+            {
+                "run_id": self.run_id,
+                "metrics": [(m.key, m.value, m.timestamp, m.step) for m in b.get("metrics", [])],
+                "params": [(p.key, p.value) for p in b.get("params", [])],
+                "tags": [(t.key, t.value) for t in b.get("tags", [])],
+            }
+            for b in self.pending
+        ]
+        self.pending_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pending_file.write_text(
+            json.dumps({"tracking_uri": self.tracking_uri, "batches": rows})
+        )
+        log.warning(
+            "MLflow: %d log batches could not be sent; saved to %s (send them with "
+            "`python -m conkd.runs replay %s`)",
+            len(self.pending),
+            self.pending_file,
+            self.pending_file,
+        )
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -226,7 +332,7 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(safe_key(k), float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
-            with_retry(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
+            self._send(metrics=items[i : i + 1000])
 
     def log_dataset(self, fingerprint: Mapping[str, Any], context: str = "training") -> None:
         """Record the run's data as an MLflow dataset input (the runs table's Dataset column):
@@ -249,8 +355,20 @@ class Tracker:
         with_retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, tags)])
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
-        """Training callback: the epoch's metrics at ``step=epoch``."""
+        """Training callback: the epoch's metrics at ``step=epoch``, and a heartbeat."""
         self.log_metrics(metrics, step=state.epoch - 1)
+        self.set_tags({HEARTBEAT_TAG: int(time.time())})
+
+    def on_resume(self, state: Any) -> None:
+        """Log the finished epochs of a resumed state the run does not have yet (all of them in
+        a new run; in a continued run, those whose logging a kill cut off)."""
+        if not self.enabled or not state.history:
+            return
+        key = safe_key(next(iter(state.history[0])))
+        logged = {m.step for m in with_retry(self.client.get_metric_history, self.run_id, key)}
+        for epoch, metrics in enumerate(state.history):
+            if epoch not in logged:
+                self.log_metrics(metrics, step=epoch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -258,7 +376,7 @@ class Tracker:
         from mlflow.entities import RunTag
 
         items = [RunTag(safe_key(k), str(v)[:_MAX_TAG_LEN]) for k, v in tags.items()]
-        with_retry(self.client.log_batch, self.run_id, tags=items)
+        self._send(tags=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.enabled:

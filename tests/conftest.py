@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,13 +70,16 @@ def tiny_overrides(data_root: Path, out_dir: Path, store: Path) -> list[str]:
 def compose_cfg() -> Callable[..., DictConfig]:
     """Compose conf/<config_name>.yaml with overrides, as Hydra would for a run."""
 
-    def _compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    def _compose(
+        overrides: list[str], config_name: str = "train", keep_hydra: bool = False
+    ) -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
+        if not keep_hydra:
+            with open_dict(cfg):
+                del cfg["hydra"]
         return cfg
 
     yield _compose
@@ -119,5 +123,7 @@ def teacher_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
             *tiny_overrides(image_folder, out / "run", out / "mlruns"),
         ]
     )
-    assert 0.0 <= run(cfg) <= 100.0
+    value = run(cfg)
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    assert value == metrics["objective"] == metrics["best/val/top1"]
     return out / "run"

@@ -140,5 +140,5 @@ def test_precision_typed_as_a_number_is_accepted(compose_cfg) -> None:
     from conkd.run import validate
 
     validate(compose_cfg(["trainer.precision=32"]))
-    with pytest.raises(ConKDError, match="trainer.precision must be 32 or bf16, got 16"):
+    with pytest.raises(ConKDError, match="trainer.precision must be 32 or bf16, got '16'"):
         validate(compose_cfg(["trainer.precision=16"]))

@@ -120,7 +120,7 @@ def test_failed_run_keeps_earlier_checkpoints(compose_cfg, tiny, teacher_run) ->
     expect_error(
         compose_cfg,
         ["stage=teacher", "loss=ce", *tiny, f"paths.output_dir={teacher_run}"],
-        "already holds checkpoints",
+        "holds a finished run",
     )
     assert best.read_bytes() == before
     assert load_checkpoint(best)["stage"] == "teacher"

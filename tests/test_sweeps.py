@@ -153,6 +153,31 @@ def test_diverged_trial_fails_and_sweep_goes_on(image_folder: Path, tmp_path: Pa
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
 
 
+def test_failure_budget_stops_the_sweep(image_folder: Path, tmp_path: Path) -> None:
+    """max_failure_rate=0.25 of 4 trials allows one failure: the second one stops the sweep
+    before trials 3 and 4 run."""
+    res = run_cli(
+        *sweep_args(
+            image_folder,
+            tmp_path,
+            "hydra/sweeper=conkd_optuna",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.max_failure_rate=0.25",
+            "stage=teacher",
+            "loss=ce",
+            "model=resnet18",
+            "optimizer=sgd",
+            "scheduler=none",
+            "optimizer.lr=choice(1e12)",
+            "trainer.epochs=1",
+        )  # fmt: skip
+    )
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "2 trials failed, more than max_failure_rate=0.25 of 4: stopping" in out
+    assert states(study(tmp_path)) == ["FAIL", "FAIL"]
+
+
 def test_pruner_stops_a_clearly_worse_trial(tmp_path: Path) -> None:
     image_folder = write_image_folder(tmp_path / "data", per_class_train=40, per_class_val=4)
     common = [
@@ -232,6 +257,13 @@ def test_interrupted_sweep_resumes_to_requested_total(
     finished = [t for t in s.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4
     assert all(t.system_attrs.get("conkd:interrupted") for t in s.trials if t.state.name == "FAIL")
+    # no parameter set evaluated twice (the re-run does not replay the sampler's sequence), and
+    # the interrupted trial's parameters are evaluated exactly once, by its re-queued trial
+    evaluated = [tuple(sorted(t.params.items())) for t in finished]
+    assert len(set(evaluated)) == len(evaluated) == 4
+    for t in s.trials:
+        if t.state.name == "FAIL":
+            assert evaluated.count(tuple(sorted(t.params.items()))) == 1
     parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1  # the resumed sweep reuses the study's parent run
     finished_children = [c for c in children if c.info.status == "FINISHED"]

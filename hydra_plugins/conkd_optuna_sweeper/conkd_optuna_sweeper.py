@@ -7,31 +7,64 @@ report intermediate values or be pruned. This subclass changes only what that ne
   pruner it reads from its own ``hydra.sweeper`` config (see :mod:`conkd.sweep`);
 * a job stopped by the pruner returns normally and marks its trial; the storage then records
   the sweeper's COMPLETE as PRUNED (so a prune never counts as a failure);
-* re-running a sweep with the same storage and study name runs only the trials still missing
-  from ``n_trials``; a trial cut off by the interruption is marked FAIL and re-queued;
-* ``max_failure_rate`` is the share of the requested trials that may fail before the sweep
-  stops (the released sweeper applies it to each batch, so with ``n_jobs: 1`` one failure
-  aborts any sweep).
+* trials are pulled, not batched per worker: before each batch the worker counts the study's
+  trials (finished, failed, and running in live workers) and asks only for what is missing from
+  ``n_trials``. Re-running a sweep with the same storage and study name therefore runs only the
+  missing trials, and N workers started with the same command on a shared storage (one machine
+  or many) share one study and stop together at ``n_trials``;
+* a trial whose worker is gone (its pid is not running on this host, or no heartbeat from
+  another host for ``stale_after_s``) is marked FAIL and re-queued with its parameters,
+  continuing from its checkpoint (``resume=.../last.pt``) where it wrote one;
+* the sampler's seed is derived from the seed and the number of trials the study already has,
+  so a resumed sweep does not replay the random sequence of its first run (which would evaluate
+  the same parameters again);
+* ``max_failure_rate`` is the share of the requested trials that may fail (over the whole
+  study, all workers) before the sweep stops (the released sweeper applies it to each batch,
+  so with ``n_jobs: 1`` one failure aborts any sweep).
+
+The trial loop is therefore this module's own (:meth:`ConKDOptunaSweeperImpl.sweep`); the search
+space parsing, trial configuration and launching are the released sweeper's.
 """
 
+import functools
 import logging
+import math
+import os
+import socket
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobStatus
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import (
+    OptunaSweeperImpl,
+    create_params_from_overrides,
+)
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from conkd.sweep import PRUNED_ATTR, TRIAL_KEY
+from conkd.runs import STALE_AFTER_S, process_gone
+from conkd.sweep import (
+    CHECKPOINT_ATTR,
+    HEARTBEAT_ATTR,
+    HOST_ATTR,
+    PID_ATTR,
+    PRUNED_ATTR,
+    TRIAL_KEY,
+)
 
 log = logging.getLogger(__name__)
 INTERRUPTED_ATTR = "conkd:interrupted"
+#: User attribute of a re-queued trial: the interrupted trial's checkpoint to continue from.
+RESUME_ATTR = "conkd:resume"
 
 
 class PruneAwareStorage(RDBStorage):
@@ -54,93 +87,181 @@ class PruneAwareStorage(RDBStorage):
         return super()._update_trial(trial_id, state=self._pruned(trial_id, state), **kwargs)
 
 
-class _BudgetLauncher:
-    """Wraps the launcher to count failures over the whole sweep, not per batch."""
+def open_storage(url: str, attempts: int = 6) -> PruneAwareStorage:
+    """The study's storage. Workers started together race to create Optuna's tables (one gets
+    "duplicate key" or "already exists"): the losers retry, and then find them made."""
+    from sqlalchemy.exc import SQLAlchemyError
 
-    def __init__(self, launcher: Any, sweeper: "ConKDOptunaSweeperImpl") -> None:
-        self.launcher = launcher
-        self.sweeper = sweeper
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.launcher, name)
-
-    def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
-        returns = self.launcher.launch(job_overrides, initial_job_idx)
-        s = self.sweeper
-        s.failures += sum(r.status == JobStatus.FAILED for r in returns)
-        # The released loop aborts a batch whose failure share exceeds max_failure_rate: keep
-        # that at 1.0 (never) until the sweep-wide budget is spent, then let it fire.
-        s.max_failure_rate = 0.0 if s.failures > s.failure_budget else 1.0
-        if s.max_failure_rate == 0.0:
-            log.error(
-                "%d trials failed, more than max_failure_rate=%s of %d: stopping",
-                s.failures,
-                s.requested_rate,
-                s.requested,
-            )
-        return returns
+    for attempt in range(attempts):
+        try:
+            return PruneAwareStorage(url)
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, *args: Any, pruner: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pruner: Any = None, stale_after_s: float = STALE_AFTER_S, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.pruner = pruner  # instantiated by the jobs from their hydra.sweeper config
-        self.requested = self.n_trials
-        self.requested_rate = self.max_failure_rate
-        self.failure_budget = self.max_failure_rate * self.n_trials
-        self.failures = 0
+        self.stale_after_s = stale_after_s
+        self.sampler_config: Any = None  # hydra.sweeper.sampler, read in setup
 
     def setup(self, **kwargs: Any) -> None:
         super().setup(**kwargs)
-        self.launcher = _BudgetLauncher(self.launcher, self)
+        self.sampler_config = kwargs["config"].hydra.sweeper.sampler
 
     def _configure_trials(self, trials: Any, *args: Any) -> Any:
         overrides = super()._configure_trials(trials, *args)
-        return [(*o, f"{TRIAL_KEY}={t.number}") for o, t in zip(overrides, trials)]
+        out = []
+        for o, t in zip(overrides, trials):
+            # whose trial this is, so another worker can tell a live one from an orphan
+            storage = t.study._storage
+            storage.set_trial_system_attr(t._trial_id, HOST_ATTR, socket.gethostname())
+            storage.set_trial_system_attr(t._trial_id, PID_ATTR, os.getpid())
+            extra = [f"{TRIAL_KEY}={t.number}"]
+            resume = t.user_attrs.get(RESUME_ATTR)
+            if resume and Path(resume).exists():
+                extra.append(f"resume={resume}")
+                log.info("trial %d continues from %s", t.number, resume)
+            out.append((*o, *extra))
+        return out
 
-    def _resume(self) -> int:
-        """Finish the bookkeeping of an interrupted earlier run; returns trials already done."""
-        try:
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
-        except KeyError:
-            return 0
-        done = 0
+    def _reseed(self, n_existing: int) -> None:
+        """A sampler seeded by (seed, trials so far): the same on every re-run at the same
+        point (reproducible), never the first run's sequence again."""
+        cfg = self.sampler_config
+        seed = cfg.get("seed") if cfg is not None else None
+        if seed is None or not n_existing:
+            return
+        derived = int(np.random.SeedSequence([int(seed), n_existing]).generate_state(1)[0])
+        self.sampler = instantiate(cfg, seed=derived)
+        log.info("sampler seed %d (seed %s, %d earlier trials)", derived, seed, n_existing)
+
+    def _orphan(self, t: Any) -> str | None:
+        """Why RUNNING trial ``t`` has no live worker, or None."""
+        attrs = t.system_attrs
+        started = t.datetime_start.timestamp() if t.datetime_start else time.time()
+        beat = float(attrs.get(HEARTBEAT_ATTR) or started)
+        return process_gone(attrs.get(HOST_ATTR), attrs.get(PID_ATTR), beat, time.time(),
+                            self.stale_after_s)  # fmt: skip
+
+    def _requeue_orphans(self, study: optuna.Study) -> None:
+        """Trials whose worker died: FAIL (marked interrupted) and queued again with their
+        parameters and checkpoint."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            why = self._orphan(t)
+            if why is None:
+                continue
+            study._storage.set_trial_system_attr(t._trial_id, INTERRUPTED_ATTR, True)
+            study._storage.set_trial_state(t._trial_id, TrialState.FAIL)
+            if t.params:
+                ckpt = t.system_attrs.get(CHECKPOINT_ATTR)
+                study.enqueue_trial(t.params, user_attrs={RESUME_ATTR: ckpt} if ckpt else None)
+            log.info("trial %d was interrupted (%s): marked FAIL and queued again", t.number, why)
+
+    def _count(self, study: optuna.Study) -> tuple[int, int]:
+        """(trials that count towards n_trials, failures): finished, failed (not interrupted)
+        and running in live workers, over every worker of the study."""
+        counted = failed = 0
         for t in study.get_trials(deepcopy=False):
-            if t.state == TrialState.RUNNING:
-                self.storage.set_trial_system_attr(t._trial_id, INTERRUPTED_ATTR, True)
-                self.storage.set_trial_state(t._trial_id, TrialState.FAIL)
-                if t.params:
-                    study.enqueue_trial(t.params)
-                log.info("trial %d was interrupted: marked FAIL and queued again", t.number)
-            elif t.state == TrialState.FAIL and not t.system_attrs.get(INTERRUPTED_ATTR):
-                done += 1
-                self.failures += 1
-            elif t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-                done += 1
-        return done
+            if t.state == TrialState.FAIL and not t.system_attrs.get(INTERRUPTED_ATTR):
+                failed += 1
+                counted += 1
+            elif t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+                counted += 1
+        return counted, failed
+
+    def _search_space(self, arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The swept distributions and the fixed parameters, as the released sweeper builds them."""
+        self._process_searchspace_config()
+        params_conf = self._parse_sweeper_params_config()
+        params_conf.extend(arguments)
+        distributions, fixed = create_params_from_overrides(params_conf)
+        space = dict(self.search_space_distributions or {})
+        space.update(distributions)
+        if isinstance(self.sampler, functools.partial):  # GridSampler: built from the space
+            choices = {k: self._to_grid_sampler_choices(d) for k, d in space.items()}
+            self.sampler = self.sampler(choices)
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in choices.values()))
+        for name in fixed:
+            space.pop(name, None)
+        return space, fixed
+
+    def _tell(self, study: optuna.Study, trials: list, returns: list) -> None:
+        for trial, ret in zip(trials, returns):
+            if ret.status == JobStatus.COMPLETED:
+                try:
+                    study.tell(trial, state=TrialState.COMPLETE, values=[float(ret.return_value)])
+                    continue
+                except (TypeError, ValueError) as err:
+                    log.warning("trial %d returned %r: %s", trial.number, ret._return_value, err)
+            else:
+                log.warning("trial %d failed: %s", trial.number, ret._return_value)
+            study.tell(trial, state=TrialState.FAIL)
 
     def sweep(self, arguments: list[str]) -> None:
         if isinstance(self.storage, str):
-            self.storage = PruneAwareStorage(self.storage)
-        done = self._resume() if self.storage is not None and self.study_name else 0
-        self.n_trials = max(self.requested - done, 0)
-        if done:
-            log.info(
-                "study %s has %d of %d trials: running %d more",
-                self.study_name,
-                done,
-                self.requested,
-                self.n_trials,
-            )
-        self.max_failure_rate = 0.0 if self.failures > self.failure_budget else 1.0
-        super().sweep(arguments)
+            self.storage = open_storage(self.storage)
+        space, fixed = self._search_space(arguments)
+        study = optuna.create_study(
+            study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+            directions=self._get_directions(), load_if_exists=True,
+        )  # fmt: skip
+        self._requeue_orphans(study)
+        self._reseed(len(study.trials))
+        study.sampler = self.sampler
+        budget = self.max_failure_rate * self.n_trials
+        counted, failed = self._count(study)
+        if counted:
+            log.info("study %s has %d of %d trials", self.study_name, counted, self.n_trials)
+        last: list = []
+        while counted < self.n_trials and failed <= budget:
+            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - counted))]
+            overrides = self._configure_trials(trials, space, fixed)
+            last = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            self.job_idx += len(last)
+            self._tell(study, trials, last)
+            counted, failed = self._count(study)
+        if failed > budget:
+            log.error(
+                "%d trials failed, more than max_failure_rate=%s of %d: stopping",
+                failed, self.max_failure_rate, self.n_trials,
+            )  # fmt: skip
+            for ret in last:
+                ret.return_value  # noqa: B018  raises the failed job's error, with its traceback
+            raise RuntimeError(f"{failed} trials of study {self.study_name} failed")
+        self._save_results(study)
+
+    def _save_results(self, study: optuna.Study) -> None:
+        done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        if not done:
+            log.warning("study %s has no completed trial", self.study_name)
+            return
+        best = study.best_trial
+        log.info("Best parameters: %s", best.params)
+        log.info("Best value: %s", best.value)
+        OmegaConf.save(
+            OmegaConf.create(
+                {"name": "optuna", "best_params": best.params, "best_value": best.value}
+            ),
+            f"{self.config.hydra.sweep.dir}/optimization_results.yaml",
+        )
 
 
 class ConKDOptunaSweeper(OptunaSweeper):
     """``hydra/sweeper=conkd_optuna``: the Optuna sweeper with a ``pruner`` option."""
 
-    def __init__(self, *args: Any, pruner: Any = None, **kwargs: Any) -> None:
-        self.sweeper = ConKDOptunaSweeperImpl(*args, pruner=pruner, **kwargs)
+    def __init__(
+        self, *args: Any, pruner: Any = None, stale_after_s: float = STALE_AFTER_S, **kwargs: Any
+    ) -> None:
+        self.sweeper = ConKDOptunaSweeperImpl(
+            *args, pruner=pruner, stale_after_s=stale_after_s, **kwargs
+        )
 
 
 @dataclass
@@ -152,6 +273,9 @@ class ConKDOptunaSweeperConf(OptunaSweeperConf):
     # ConKD's default objective is validation top-1; objective_mode=min needs minimize here.
     direction: Any = "maximize"
     max_failure_rate: float = 0.5
+    # A running trial of a worker on another host is an orphan after this long without a
+    # heartbeat (workers on this host are checked by pid).
+    stale_after_s: float = STALE_AFTER_S
 
 
 ConfigStore.instance().store(

@@ -1,0 +1,330 @@
+"""Fault test: SIGKILL a training run (and a sweep) at random points, resume, compare.
+
+A run (``python train.py``, resumable ``last.pt`` every step) is killed ``--kills`` times: some
+kills land at a random moment inside an epoch, the others while a checkpoint is being written
+(the moment ``last.pt.tmp`` appears). Each time the same command is run again (``resume=auto``)
+until it finishes. Its final weights, optimizer state and metrics are then compared with an
+uninterrupted run of the same command, and its MLflow run is checked: one run across all the
+kills, ending FINISHED, each epoch's metrics logged once.
+
+``--sweep`` also kills a 4-trial ``conkd_optuna`` sweep twice during trials and re-runs it:
+no parameter set may be evaluated twice, there must be one MLflow child per trial number and
+none left RUNNING, and a re-queued trial that continued from its checkpoint must end exactly
+as the same parameters run without interruption.
+
+    python benchmarks/fault_resume.py [--kills 5] [--sweep] [--seed 0]
+
+Uses a generated 3-class image folder (no download). Prints a report; the last line is
+``kills survived K/N, mismatches M, duplicated evaluations D``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import ROOT  # noqa: E402
+
+#: Metrics that measure time, not the computation.
+TIMING = ("train/epoch_time_s", "train/throughput_img_s")
+
+
+def write_dataset(root: Path, per_class_train: int = 16) -> Path:
+    """A learnable 3-class image folder (coloured squares with noise), 40x40 PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colors = [(220, 40, 40), (40, 200, 60), (50, 70, 230)]
+    for split, n in (("train", per_class_train), ("val", 4)):
+        for c, color in enumerate(colors):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
+                x0, y0 = rng.integers(0, 16, 2)
+                img[y0 : y0 + 24, x0 : x0 + 24] = color
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def run_overrides(data: Path, work: Path, epochs: int, steps: int) -> list[str]:
+    """A small Lion-trained ResNet-18 run with a resumable checkpoint after every step."""
+    return [
+        "experiment=teacher", "model=resnet18", "optimizer=lion", "mlflow.register=null",
+        "mlflow.log_model=false", "dataset=imagefolder", f"dataset.root={data}",
+        "dataset.image_size=32", "dataset.batch_size=8", "dataset.eval_batch_size=16",
+        "dataset.num_workers=0", "dataset.val_fraction=0.2", "model.small_stem=false",
+        f"trainer.epochs={epochs}", f"trainer.max_steps_per_epoch={steps}",
+        "trainer.progress=false", "trainer.checkpoint_every_steps=1",
+        f"paths.cache_dir={work / 'cache'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+    ]  # fmt: skip
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "CONKD_ROOT": str(ROOT)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def kill_once(args: list[str], ckpt_dir: Path, rng: random.Random, during_write: bool) -> str:
+    """Start the run and SIGKILL it after 1-3 more checkpoint writes: at once when the next
+    ``last.pt.tmp`` appears (``during_write``), else after a random part of a step. Returns
+    where it was killed, or ``finished`` when the run ended first."""
+    proc = start(args)
+    last, tmp = ckpt_dir / "last.pt", ckpt_dir / "last.pt.tmp"
+    seen, target, previous = 0, rng.randint(1, 3), _mtime(last)
+    while proc.poll() is None:
+        now = _mtime(last)
+        if now is not None and now != previous:
+            seen, previous = seen + 1, now
+        if seen >= target:
+            if during_write:
+                if tmp.exists():
+                    kill(proc)
+                    return "during a checkpoint write"
+            else:
+                time.sleep(rng.uniform(0.0, 0.15))
+                kill(proc)
+                return "inside an epoch"
+        time.sleep(0.002)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed: {proc.stderr.read().decode()[-2000:]}")
+    return "finished"
+
+
+def finish(args: list[str]) -> None:
+    proc = start(args)
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed: {err.decode()[-3000:]}")
+
+
+def compare_runs(ref: Path, other: Path) -> list[str]:
+    """What differs between two finished runs: weights, optimizer state, metrics."""
+    import torch
+
+    from conkd.checkpoint import load_checkpoint
+
+    out = []
+    for name in ("last.pt", "best.pt"):
+        a, b = (load_checkpoint(d / "checkpoints" / name) for d in (ref, other))
+        for key, t in a["state_dict"].items():
+            if not torch.equal(t, b["state_dict"][key]):
+                out.append(f"{name}: weight {key} differs")
+        if name == "last.pt":
+            sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+            for i in sa:
+                if any(not torch.equal(sa[i][k], sb[i][k]) for k in sa[i]):
+                    out.append(f"optimizer state of parameter {i} differs")
+            ha, hb = a["train_state"]["history"], b["train_state"]["history"]
+            for e, (ma, mb) in enumerate(zip(ha, hb, strict=True)):
+                for k in ma:
+                    if k not in TIMING and ma[k] != mb[k]:
+                        out.append(f"epoch {e} {k}: {ma[k]} != {mb[k]}")
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (ref, other))
+    for k in ma:
+        if k not in ("run_id", "run_name") and ma[k] != mb.get(k):
+            out.append(f"metrics.json {k}: {ma[k]} != {mb.get(k)}")
+    return out
+
+
+def mlflow_report(tracking_uri: str, run_id: str, epochs: int) -> dict[str, Any]:
+    """Status and per-epoch metric counts of the killed run's MLflow run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    steps = [m.step for m in client.get_metric_history(run_id, "val/top1")]
+    return {
+        "status": run.info.status,
+        "val_top1_steps": sorted(steps),
+        "duplicates": len(steps) - len(set(steps)),
+        "missing": sorted(set(range(epochs)) - set(steps)),
+    }
+
+
+def fault_run(work: Path, data: Path, kills: int, epochs: int, steps: int, seed: int) -> dict:
+    """Reference run, then the same run killed ``kills`` times and resumed; the report."""
+    base = run_overrides(data, work, epochs, steps)
+    t0 = time.perf_counter()
+    finish([*base, f"hydra.run.dir={work / 'reference'}"])
+    ref_s = time.perf_counter() - t0
+    rng = random.Random(seed)
+    killed_dir = work / "killed"
+    args = [*base, f"hydra.run.dir={killed_dir}"]
+    where = []
+    while len(where) < kills:
+        during_write = len(where) % 2 == 1
+        at = kill_once(args, killed_dir / "checkpoints", rng, during_write)
+        if at == "finished":
+            break
+        where.append(at)
+    if not (killed_dir / "metrics.json").exists():
+        finish(args)
+    mismatches = compare_runs(work / "reference", killed_dir)
+    meta = json.loads((killed_dir / "metrics.json").read_text())
+    tracking = mlflow_report(f"sqlite:///{work / 'mlflow.db'}", meta["run_id"], epochs)
+    return {
+        "reference_s": ref_s,
+        "kills": where,
+        "mismatches": mismatches,
+        "mlflow": tracking,
+    }
+
+
+def sweep_overrides(data: Path, work: Path) -> list[str]:
+    return [
+        "-m", "hydra/sweeper=conkd_optuna", "hydra/sweeper/pruner=none", "stage=teacher",
+        "loss=ce", "teacher_ckpt=null", "model=resnet18", "optimizer=lion",
+        "optimizer.lr=interval(1e-4, 1e-2)", "optimizer.weight_decay=interval(0.01, 1.0)",
+        "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.seed=0",
+        "hydra.sweep.subdir=trial_${optuna.trial}", f"hydra.sweep.dir={work / 'sweep'}",
+        f"hydra.sweeper.storage=sqlite:///{work / 'optuna.db'}", "hydra.sweeper.study_name=fault",
+        "mlflow.log_model=false", "mlflow.log_checkpoint=false", "dataset=imagefolder",
+        f"dataset.root={data}", "dataset.image_size=32", "dataset.batch_size=8",
+        "dataset.eval_batch_size=16", "dataset.num_workers=0", "dataset.val_fraction=0.2",
+        "model.small_stem=false", "trainer.epochs=3", "trainer.max_steps_per_epoch=3",
+        "trainer.progress=false", "trainer.checkpoint_every_steps=1",
+        f"paths.cache_dir={work / 'cache'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+    ]  # fmt: skip
+
+
+def kill_sweep_in_trial(args: list[str], storage: str, rng: random.Random) -> int | None:
+    """Start the sweep, SIGKILL it once a new trial has written a checkpoint; returns the
+    trial killed, or None when the sweep finished first."""
+    import optuna
+
+    before = _trials(storage)
+    proc = start(args)
+    while proc.poll() is None:
+        for t in _trials(storage):
+            ckpt = t.system_attrs.get("conkd:checkpoint")
+            new = t.number not in {b.number for b in before}
+            if new and t.state.name == "RUNNING" and ckpt and Path(ckpt).exists():
+                time.sleep(rng.uniform(0.0, 0.3))
+                kill(proc)
+                return t.number
+        time.sleep(0.05)
+    del optuna
+    return None
+
+
+def _trials(storage: str) -> list:
+    import optuna
+
+    try:
+        return optuna.load_study(study_name="fault", storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def fault_sweep(work: Path, data: Path, seed: int) -> dict:
+    """A 4-trial sweep killed twice in trials and re-run; duplicates, children, exactness."""
+    import mlflow
+    import optuna
+
+    args = sweep_overrides(data, work)
+    storage = f"sqlite:///{work / 'optuna.db'}"
+    rng = random.Random(seed)
+    killed = [
+        k for k in (kill_sweep_in_trial(args, storage, rng) for _ in range(2)) if k is not None
+    ]
+    finish(args)
+    trials = optuna.load_study(study_name="fault", storage=storage).trials
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    keys = [tuple(sorted(t.params.items())) for t in done]
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("conkd-imagefolder")
+    children = [
+        r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags
+    ]
+    per_trial: dict[str, int] = {}
+    for c in children:
+        per_trial[c.data.tags["sweep.trial"]] = per_trial.get(c.data.tags["sweep.trial"], 0) + 1
+    continued = [t for t in done if t.user_attrs.get("conkd:resume")]
+    exact = []
+    for t in continued:  # the same parameters, uninterrupted, in a run of their own
+        out = work / f"alone_{t.number}"
+        single = [a for a in args if a != "-m" and not a.startswith(("hydra.sweep", "optimizer."))]
+        single += [f"{k}={v}" for k, v in t.params.items()] + [f"hydra.run.dir={out}"]
+        finish(single)
+        alone = json.loads((out / "metrics.json").read_text())["objective"]
+        exact.append((t.number, t.value, alone))
+    return {
+        "killed_trials": killed,
+        "complete": len(done),
+        "duplicate_params": len(keys) - len(set(keys)),
+        "children_per_trial": per_trial,
+        "running_children": sum(c.info.status == "RUNNING" for c in children),
+        "continued_trials": [t.number for t in continued],
+        "continued_vs_alone": exact,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="steps per epoch (batch 8)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true", help="also kill a sweep twice")
+    ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="conkd_fault_"))
+    data = write_dataset(work / "data")
+    run = fault_run(work, data, args.kills, args.epochs, args.steps, args.seed)
+    print(f"uninterrupted run: {run['reference_s']:.0f} s")
+    for i, at in enumerate(run["kills"], 1):
+        print(f"kill {i}: SIGKILL {at}")
+    print(f"MLflow run: {run['mlflow']}")
+    for m in run["mismatches"]:
+        print("mismatch:", m)
+    dup = run["mlflow"]["duplicates"]
+    mismatches = len(run["mismatches"]) + len(run["mlflow"]["missing"])
+    if args.sweep:
+        sweep = fault_sweep(work, data, args.seed)
+        print(f"sweep: {sweep}")
+        dup += sweep["duplicate_params"]
+        mismatches += sum(a != b for _, a, b in sweep["continued_vs_alone"])
+        mismatches += sum(n != 1 for n in sweep["children_per_trial"].values())
+        mismatches += sweep["running_children"]
+    print(
+        f"kills survived {len(run['kills'])}/{args.kills}, mismatches {mismatches}, "
+        f"duplicated evaluations {dup}"
+    )
+    return 0 if mismatches == 0 and dup == 0 and len(run["kills"]) == args.kills else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Many trials, many workers: a shared PostgreSQL study, an MLflow tracking server, pull-based
+workers; and the SLURM launcher's job script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from tests.conftest import ROOT, tiny_overrides
+from tests.servers import MLFLOW, mlflow_server, postgres
+
+
+def worker_args(image_folder: Path, tmp_path: Path, storage: str, tracking: str) -> list[str]:
+    """A CE lr sweep of 4 trials on the tiny data, study and tracking on the servers."""
+    tiny = [o for o in tiny_overrides(image_folder, tmp_path / "unused", tmp_path / "mlruns")
+            if not o.startswith(("paths.output_dir", "mlflow.tracking_uri"))]  # fmt: skip
+    return [
+        "train.py", "-m", *tiny, "hydra/sweeper=conkd_optuna", "hydra/sweeper/pruner=none",
+        "stage=teacher", "loss=ce", "teacher_ckpt=null", "model=resnet18", "optimizer=adamw",
+        "optimizer.lr=interval(1e-4, 1e-2)", "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=trial_${optuna.trial}",
+        f"mlflow.tracking_uri={tracking}", "mlflow.log_checkpoint=false",
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not MLFLOW.exists(), reason="needs the UI environment (make install)")
+def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    with postgres(tmp_path) as pg:
+        storage = f"postgresql+psycopg2://{pg}/optuna"
+        log = tmp_path / "mlflow_server.log"
+        with mlflow_server(
+            f"postgresql+psycopg2://{pg}/mlflow", tmp_path / "artifacts", log
+        ) as url:
+            args = worker_args(image_folder, tmp_path, storage, url)
+            env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+            workers = [
+                subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                for _ in range(2)
+            ]  # fmt: skip
+            errors = [w.communicate(timeout=600)[1] for w in workers]
+            for w, err in zip(workers, errors):
+                assert w.returncode == 0, err[-3000:]
+            trials = optuna.load_study(study_name="shared", storage=storage).trials
+            client = mlflow.MlflowClient(url)
+            exp = client.get_experiment_by_name("conkd-imagefolder")
+            runs = client.search_runs([exp.experiment_id])
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            histories = {
+                c.data.tags["sweep.trial"]: [
+                    m.step for m in client.get_metric_history(c.info.run_id, "val/top1")
+                ]
+                for c in children
+            }
+    # the study ends at the requested total, each trial number run once, by one of the workers
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    pids = {t.system_attrs["conkd:pid"] for t in trials}
+    assert len(pids) == 2  # both workers pulled trials
+    # one MLflow child run per trial number, every epoch's metrics there
+    assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1", "2", "3"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(sorted(steps) == [0, 1] for steps in histories.values())
+
+
+def test_slurm_launcher_renders_its_job_script(compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    """hydra/launcher=slurm composes, and the sbatch script submitit would submit for it (the
+    launcher's parameters passed as hydra-submitit-launcher passes them) carries them."""
+    import submitit
+    from hydra.utils import get_class
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+         f"hydra.sweep.dir={tmp_path}"],
+        keep_hydra=True,
+    )  # fmt: skip
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert get_class(launcher.pop("_target_")).__name__ == "SlurmLauncher"
+    # submitit looks for `srun` to decide it is on a cluster: a stand-in (never run)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{
+        k if k in base else f"slurm_{k}": v
+        for k, v in launcher.items() if k not in ("submitit_folder", "max_num_timeout")
+    })  # fmt: skip
+    script = executor._executor._make_submission_file_text("python train.py", "uid")
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --time=240",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --nodes=1",
+    ):
+        assert line in script, script
