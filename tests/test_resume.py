@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import torch
 
-from benchmarks.fault_resume import compare_runs, fault_run, write_dataset
+from benchmarks.fault_resume import compare_runs, fault_run, fault_sweep, write_dataset
 from conkd import checkpoint as ckpt_io
 from conkd.errors import ConKDError
 from conkd.run import run
@@ -152,6 +152,17 @@ def test_resume_from_another_runs_checkpoint_starts_a_new_mlflow_run(
     new_id = json.loads((out / "metrics.json").read_text())["run_id"]
     assert new_id != ckpt_io.load_checkpoint(crashed / "checkpoints" / "last.pt")["run_id"]
     assert metric_steps(store, new_id) == [0, 1, 2]  # epochs 0-1 logged from the history
+
+
+@pytest.mark.slow
+def test_sweep_killed_twice_evaluates_nothing_twice(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "data")
+    report = fault_sweep(tmp_path, data, seed=0)
+    assert len(report["killed_trials"]) == 2 and report["complete"] == 4, report
+    assert report["duplicate_params"] == 0 and report["running_children"] == 0
+    assert all(n == 1 for n in report["children_per_trial"].values())
+    # a re-queued trial continued from its checkpoint and ended as an uninterrupted run
+    assert report["continued_trials"] and all(d == [] for _, d in report["continued_vs_alone"])
 
 
 @pytest.mark.slow

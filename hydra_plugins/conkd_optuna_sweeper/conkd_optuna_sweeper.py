@@ -160,8 +160,11 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
             study._storage.set_trial_system_attr(t._trial_id, INTERRUPTED_ATTR, True)
             study._storage.set_trial_state(t._trial_id, TrialState.FAIL)
             if t.params:
+                study.enqueue_trial(t.params)  # optuna 2.10: no user_attrs argument yet
                 ckpt = t.system_attrs.get(CHECKPOINT_ATTR)
-                study.enqueue_trial(t.params, user_attrs={RESUME_ATTR: ckpt} if ckpt else None)
+                if ckpt:
+                    queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
+                    study._storage.set_trial_user_attr(queued._trial_id, RESUME_ATTR, ckpt)
             log.info("trial %d was interrupted (%s): marked FAIL and queued again", t.number, why)
 
     def _count(self, study: optuna.Study) -> tuple[int, int]:
