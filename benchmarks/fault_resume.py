@@ -35,28 +35,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import ROOT  # noqa: E402
+from tests.conftest import write_image_folder  # noqa: E402
 
 #: Metrics that measure time, not the computation.
 TIMING = ("train/epoch_time_s", "train/throughput_img_s")
 
 
 def write_dataset(root: Path, per_class_train: int = 16) -> Path:
-    """A learnable 3-class image folder (coloured squares with noise), 40x40 PNGs."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    colors = [(220, 40, 40), (40, 200, 60), (50, 70, 230)]
-    for split, n in (("train", per_class_train), ("val", 4)):
-        for c, color in enumerate(colors):
-            d = root / split / f"class_{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
-                x0, y0 = rng.integers(0, 16, 2)
-                img[y0 : y0 + 24, x0 : x0 + 24] = color
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
+    """A learnable 3-class image folder (coloured squares with noise): the test suite's."""
+    return write_image_folder(root, per_class_train=per_class_train, per_class_val=4)
 
 
 def run_overrides(data: Path, work: Path, epochs: int, steps: int) -> list[str]:

@@ -44,7 +44,60 @@ def cache_build_seconds(cache_dir: Path) -> float:
     return sum(json.loads(m.read_text())["build_seconds"] for m in cache_dir.glob("*/meta.json"))
 
 
-def main() -> int:
+def sweeps_a(sweep, common: list[str], out: Path, trials: int, epochs: int) -> dict[str, dict]:
+    """(a): cached vs online sweep, and the cache build + the same trials as CE students."""
+    rows: dict[str, dict] = {}
+    nopr = "hydra/sweeper/pruner=none"
+    rows["a_cached"] = sweep("a_cached", trials, nopr, f"teacher_cache.dir={out / 'cache_a'}")
+    rows["a_cached"]["build_s"] = cache_build_seconds(out / "cache_a")
+    rows["a_online"] = sweep("a_online", trials, nopr, "teacher_cache.enabled=false")
+    lrs = [t.params["optimizer.lr"] for t in rows["a_cached"]["study"].trials]
+    wds = [t.params["optimizer.weight_decay"] for t in rows["a_cached"]["study"].trials]
+    start = time.perf_counter()
+    for i, (lr, wd) in enumerate(zip(lrs, wds)):
+        train(
+            *common,
+            "loss=ce",
+            f"optimizer.lr={lr}",
+            f"optimizer.weight_decay={wd}",
+            f"hydra.run.dir={out / 'a_ce' / str(i)}",
+        )
+    rows["a_ce"] = {
+        "wall_s": time.perf_counter() - start,
+        "epochs": len(lrs) * epochs,
+        "pruned": 0,
+        "best": float("nan"),
+    }
+    return rows
+
+
+def print_report(rows: dict[str, dict], args: argparse.Namespace, data: Path) -> None:
+    """The table, then the ratios (last)."""
+    print(
+        f"\nconkd_lion sweeps, {args.image_size}px, {args.epochs} epochs x {args.steps} steps "
+        f"(batch 64) per trial, data {data}"
+    )
+    print(f"{'sweep':<10} {'wall s':>8} {'epochs':>7} {'pruned':>7} {'best val top1':>14}")
+    for name, r in rows.items():
+        print(
+            f"{name:<10} {r['wall_s']:>8.0f} {r['epochs']:>7d} {r['pruned']:>7d} {r['best']:>14.2f}"
+        )
+    if "a_cached" in rows:
+        a, o, ce = rows["a_cached"], rows["a_online"], rows["a_ce"]
+        print(f"teacher cache build: {a['build_s']:.0f} s")
+        print(f"ratio (a) cached/online sweep: {a['wall_s'] / o['wall_s']:.2f}")
+        print(
+            "ratio (a) cached sweep / (cache build + same trials as CE students): "
+            f"{a['wall_s'] / (a['build_s'] + ce['wall_s']):.2f}  (target <= 1.10)"
+        )
+    if "b_fast" in rows:
+        print(
+            "ratio (b) fast path / today's path: "
+            f"{rows['b_fast']['wall_s'] / rows['b_today']['wall_s']:.2f}  (target <= 0.35)"
+        )
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
     ap.add_argument("--trials", type=int, default=4)
@@ -55,7 +108,11 @@ def main() -> int:
     ap.add_argument("--teacher-ckpt", default=None)
     ap.add_argument("--only", choices=("a", "b"), default=None)
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_sweep_cache"))
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
 
     data = Path(args.data)
     if not (data / "train").is_dir():
@@ -122,29 +179,7 @@ def main() -> int:
 
     rows: dict[str, dict] = {}
     if args.only in (None, "a"):
-        nopr = "hydra/sweeper/pruner=none"
-        rows["a_cached"] = sweep(
-            "a_cached", args.trials, nopr, f"teacher_cache.dir={out / 'cache_a'}"
-        )
-        rows["a_cached"]["build_s"] = cache_build_seconds(out / "cache_a")
-        rows["a_online"] = sweep("a_online", args.trials, nopr, "teacher_cache.enabled=false")
-        lrs = [t.params["optimizer.lr"] for t in rows["a_cached"]["study"].trials]
-        wds = [t.params["optimizer.weight_decay"] for t in rows["a_cached"]["study"].trials]
-        start = time.perf_counter()
-        for i, (lr, wd) in enumerate(zip(lrs, wds)):
-            train(
-                *common,
-                "loss=ce",
-                f"optimizer.lr={lr}",
-                f"optimizer.weight_decay={wd}",
-                f"hydra.run.dir={out / 'a_ce' / str(i)}",
-            )
-        rows["a_ce"] = {
-            "wall_s": time.perf_counter() - start,
-            "epochs": len(lrs) * args.epochs,
-            "pruned": 0,
-            "best": float("nan"),
-        }
+        rows.update(sweeps_a(sweep, common, out, args.trials, args.epochs))
     if args.only in (None, "b"):
         rows["b_fast"] = sweep(
             "b_fast",
@@ -160,28 +195,7 @@ def main() -> int:
             "dataset.decode.enabled=false",
         )
 
-    print(
-        f"\nconkd_lion sweeps, {args.image_size}px, {args.epochs} epochs x {args.steps} steps "
-        f"(batch 64) per trial, data {data}"
-    )
-    print(f"{'sweep':<10} {'wall s':>8} {'epochs':>7} {'pruned':>7} {'best val top1':>14}")
-    for name, r in rows.items():
-        print(
-            f"{name:<10} {r['wall_s']:>8.0f} {r['epochs']:>7d} {r['pruned']:>7d} {r['best']:>14.2f}"
-        )
-    if "a_cached" in rows:
-        a, o, ce = rows["a_cached"], rows["a_online"], rows["a_ce"]
-        print(f"teacher cache build: {a['build_s']:.0f} s")
-        print(f"ratio (a) cached/online sweep: {a['wall_s'] / o['wall_s']:.2f}")
-        print(
-            "ratio (a) cached sweep / (cache build + same trials as CE students): "
-            f"{a['wall_s'] / (a['build_s'] + ce['wall_s']):.2f}  (target <= 1.10)"
-        )
-    if "b_fast" in rows:
-        print(
-            "ratio (b) fast path / today's path: "
-            f"{rows['b_fast']['wall_s'] / rows['b_today']['wall_s']:.2f}  (target <= 0.35)"
-        )
+    print_report(rows, args, data)
     return 0
 
 

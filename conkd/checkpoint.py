@@ -32,14 +32,6 @@ log = logging.getLogger("conkd")
 LAST, PREVIOUS = "last.pt", "last.prev.pt"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: Path, model: nn.Module, spec: dict[str, Any], keep_previous: bool = False, **extra: Any
 ) -> None:
@@ -50,13 +42,13 @@ def save_checkpoint(
     A failed write (e.g. ENOSPC) removes the temporary file and raises a :class:`ConKDError`;
     the existing checkpoints are untouched.
     """
-    from conkd.decoded import fsync_dir
+    from conkd.decoded import fsync_dir, fsync_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         torch.save({"model": spec, "state_dict": model.state_dict(), **extra}, tmp)
-        _fsync(tmp)
+        fsync_file(tmp)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -112,6 +112,15 @@ class _DecodeSplit(Dataset):
         return image
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's bytes to the disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
     try:

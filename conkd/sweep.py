@@ -275,9 +275,45 @@ def best_command(config: DictConfig, best: dict[str, str]) -> tuple[str, dict[st
     return line, experiment
 
 
+def _record_best(
+    config: DictConfig,
+    finished: list[dict[str, Any]],
+    keys: list[str],
+    direction: str,
+    summary: dict[str, Any],
+    sweep_dir: Path,
+) -> tuple[list, list, list]:
+    """The best finished trial into ``summary``, a re-run line and experiment file in
+    ``sweep_dir``; returns the parent run's best_* metrics, params and tags."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    pick = max if direction == "maximize" else min
+    best = pick(finished, key=lambda r: r["value"])
+    best_params = {k: best["params"][k] for k in keys if k in best["params"]}
+    line, experiment = best_command(config, best_params)
+    summary.update(
+        best_value=best["value"],
+        best_params=best_params,
+        best_run_id=best["run_id"],
+        best_trial=best["trial"],
+        best_command=line,
+    )
+    (sweep_dir / "best_overrides.txt").write_text(line + "\n")
+    (sweep_dir / "best_experiment.yaml").write_text(
+        "# @package _global_\n# Best trial of the sweep; copy to conf/experiment/ to reuse.\n"
+        + yaml.safe_dump(experiment, sort_keys=False)
+    )
+    params = [Param(safe_key(f"best.{k}"), str(v)[:6000]) for k, v in best_params.items()]
+    tags = [RunTag("best_run_id", best["run_id"]), RunTag("best_command", line[:5000])]
+    tags += [RunTag(safe_key(f"best.{k}"), str(v)[:5000]) for k, v in best_params.items()]
+    log.info("sweep best %s = %.4f (trial %s): %s", config.objective, best["value"], best["trial"],
+             line)  # fmt: skip
+    return [Metric("best_value", best["value"], 0, 0)], params, tags
+
+
 def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_dir: Path) -> dict:
     """Best trial, failure list, plots and a re-run command, logged on the parent run."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric
 
     sweeper = config.hydra.sweeper
     direction = str(
@@ -317,33 +353,10 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
     ]
     params, tags = [], []
     if finished:
-        pick = max if direction == "maximize" else min
-        best = pick(finished, key=lambda r: r["value"])
-        best_params = {k: best["params"][k] for k in keys if k in best["params"]}
-        line, experiment = best_command(config, best_params)
-        summary.update(
-            best_value=best["value"],
-            best_params=best_params,
-            best_run_id=best["run_id"],
-            best_trial=best["trial"],
-            best_command=line,
+        best_metrics, params, tags = _record_best(
+            config, finished, keys, direction, summary, sweep_dir
         )
-        (sweep_dir / "best_overrides.txt").write_text(line + "\n")
-        (sweep_dir / "best_experiment.yaml").write_text(
-            "# @package _global_\n# Best trial of the sweep; copy to conf/experiment/ to reuse.\n"
-            + yaml.safe_dump(experiment, sort_keys=False)
-        )
-        metrics.append(Metric("best_value", best["value"], 0, 0))
-        params = [Param(safe_key(f"best.{k}"), str(v)[:6000]) for k, v in best_params.items()]
-        tags = [RunTag("best_run_id", best["run_id"]), RunTag("best_command", line[:5000])]
-        tags += [RunTag(safe_key(f"best.{k}"), str(v)[:5000]) for k, v in best_params.items()]
-        log.info(
-            "sweep best %s = %.4f (trial %s): %s",
-            config.objective,
-            best["value"],
-            best["trial"],
-            line,
-        )
+        metrics += best_metrics
     for f in summary["failures"]:
         log.warning("sweep trial %s failed: %s", f["trial"], f["error"])
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -62,7 +62,7 @@ from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from conkd.decoded import fsync_dir
+from conkd.decoded import fsync_dir, fsync_file
 from conkd.engine import autocast, to_device
 from conkd.errors import ConKDError
 
@@ -189,14 +189,6 @@ def _sha256(path: Path) -> str:
         while block := f.read(_HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _train_file(output: str) -> str:
@@ -589,7 +581,7 @@ def _finish_files(tmp: Path, arrays: Mapping[str, np.ndarray]) -> dict[str, dict
         files[name] = {"shape": list(a.shape), "dtype": a.dtype.str}
     for name, info in files.items():
         path = tmp / name
-        _fsync_file(path)
+        fsync_file(path)
         info["bytes"] = path.stat().st_size
         info["sha256"] = _sha256(path)
     return files

@@ -115,12 +115,13 @@ def test_best_command_reruns_the_best_trial(
     )
     assert res.returncode == 0, res.stderr[-3000:]
     best = study(tmp_path).best_trial.params["optimizer.lr"]
-    exp_file = ROOT / "conf" / "experiment" / "_test_best.yaml"
-    exp_file.write_text((tmp_path / "sweep" / "best_experiment.yaml").read_text())
-    try:
-        cfg = compose_cfg(["experiment=_test_best"])
-    finally:
-        exp_file.unlink()
+    # as a user would copy it into conf/experiment/, but into a search-path folder of its own
+    extra = tmp_path / "extra_conf" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "_test_best.yaml").write_text(
+        (tmp_path / "sweep" / "best_experiment.yaml").read_text()
+    )
+    cfg = compose_cfg([f"hydra.searchpath=[file://{extra.parent}]", "experiment=_test_best"])
     assert cfg.optimizer.lr == pytest.approx(best)
     assert "AdamW" in cfg.optimizer._target_ and cfg.stage == "teacher"
 
