@@ -623,7 +623,10 @@ def publish_model(cfg: DictConfig, parts: Parts) -> None:
         alias = register.alias
     if cfg.mlflow.log_checkpoint or register:
         parts.tracker.log_artifact(parts.ckpt_dir / "best.pt", "checkpoints")
-    if cfg.mlflow.log_model or register:
+    if (cfg.mlflow.log_model or register) and parts.tracker.offline:
+        log.warning("MLflow is away: the model is not logged or registered (best.pt is in %s)",
+                    parts.ckpt_dir)  # fmt: skip
+    elif cfg.mlflow.log_model or register:
         version = log_model(parts.tracker, distributed.unwrap(parts.job.model).cpu(), name, alias)
         if version:
             log.info("registered models:/%s@%s (version %s)", name, alias, version)

@@ -107,7 +107,8 @@ def close(client: Any, runs: list[tuple[Any, str]]) -> None:
 
 
 def replay(client: Any, path: Path) -> int:
-    """Send the batches a run saved when its store did not answer; returns how many."""
+    """Send the batches and artifacts a run saved when its store did not answer, then its final
+    status; returns how many batches."""
     from mlflow.entities import Metric, Param, RunTag
 
     data = json.loads(path.read_text())
@@ -119,6 +120,11 @@ def replay(client: Any, path: Path) -> int:
             params=[Param(*p) for p in b["params"]],
             tags=[RunTag(*t) for t in b["tags"]],
         )
+    for path, artifact_path in data.get("artifacts", []):
+        upload = client.log_artifacts if Path(path).is_dir() else client.log_artifact
+        with_retry(upload, data["run_id"], path, artifact_path)
+    if data.get("status"):  # the end the run could not record while the store was away
+        with_retry(client.set_terminated, data["run_id"], status=data["status"])
     return len(data["batches"])
 
 

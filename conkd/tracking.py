@@ -201,6 +201,7 @@ class Tracker:
         self.resume_run_id = resume_run_id
         self.pending_file = pending_file
         self.pending: list[dict[str, Any]] = []  # log_batch kwargs the store did not take
+        self.pending_artifacts: list[tuple[str, str | None]] = []  # (path, artifact_path)
         self.client: Any = None
         self.run_id: str | None = None
         self.resumed = False
@@ -254,10 +255,12 @@ class Tracker:
             status = "FAILED"
             self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:_MAX_TAG_LEN]})
         self._flush()
-        if self.pending:
-            self._write_pending()
+        if (self.pending or self.pending_artifacts) and self.pending_file is not None:
+            self._write_pending(status)
+            return  # the store is away: `conkd.runs replay` sends the batches, then the status
         try:
-            with_retry(self.client.set_terminated, self.run_id, status=status)
+            with _env(**_QUICK_HTTP) if self.tracking_uri.startswith("http") else nullcontext():
+                with_retry(self.client.set_terminated, self.run_id, status=status)
         except Exception as err:
             log.warning("MLflow run %s could not be marked %s: %s", self.run_id, status, err)
 
@@ -292,7 +295,7 @@ class Tracker:
                 )
                 self.offline = False
 
-    def _write_pending(self) -> None:
+    def _write_pending(self, status: str) -> None:
         """Unsent metrics and tags to a JSON file (``python -m conkd.runs replay FILE``)."""
         import json
 
@@ -310,12 +313,21 @@ class Tracker:
         ]
         self.pending_file.parent.mkdir(parents=True, exist_ok=True)
         self.pending_file.write_text(
-            json.dumps({"tracking_uri": self.tracking_uri, "batches": rows})
+            json.dumps(
+                {
+                    "tracking_uri": self.tracking_uri,
+                    "run_id": self.run_id,
+                    "status": status,
+                    "batches": rows,
+                    "artifacts": self.pending_artifacts,
+                }
+            )
         )
         log.warning(
-            "MLflow: %d log batches could not be sent; saved to %s (send them with "
-            "`python -m conkd.runs replay %s`)",
+            "MLflow: %d log batches and %d artifacts could not be sent; saved to %s (send them "
+            "with `python -m conkd.runs replay %s`)",
             len(self.pending),
+            len(self.pending_artifacts),
             self.pending_file,
             self.pending_file,
         )
@@ -382,10 +394,21 @@ class Tracker:
         if not self.enabled:
             return
         p = Path(path)
-        if p.is_dir():
-            with_retry(self.client.log_artifacts, self.run_id, str(p), artifact_path)
-        elif p.exists():
-            with_retry(self.client.log_artifact, self.run_id, str(p), artifact_path)
+        if not p.exists():
+            return
+        item = (str(p.resolve()), artifact_path)
+        if self.offline:  # do not wait on a store that is away: upload on replay
+            self.pending_artifacts.append(item)
+            return
+        upload = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
+        try:
+            with _env(**_QUICK_HTTP) if self.tracking_uri.startswith("http") else nullcontext():
+                with_retry(upload, self.run_id, str(p), artifact_path)
+        except Exception as err:
+            first = (str(err).splitlines() or [""])[0][:200]
+            log.warning("MLflow: artifact %s not uploaded (%s); kept for replay", p, first)
+            self.offline = True
+            self.pending_artifacts.append(item)
 
     @contextmanager
     def active(self) -> Iterator[None]:

@@ -236,9 +236,11 @@ def test_tracking_outage_buffers_metrics_and_sends_them_later(tmp_path: Path, ca
     steps = [(m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "a")]
     assert sorted(steps) == [(0, 1.0), (1, 2.0), (2, 3.0)]
     assert pending.is_file() and "conkd.runs replay" in caplog.text
-    assert replay(mlflow.MlflowClient(uri), pending) >= 1
-    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "a")]
-    assert sorted(steps) == [0, 1, 2, 3]
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # its end is in the file too
+    assert replay(client, pending) == 1
+    steps = [m.step for m in client.get_metric_history(run_id, "a")]
+    assert sorted(steps) == [0, 1, 2, 3] and client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_cli_lists_runs(tmp_path: Path) -> None:

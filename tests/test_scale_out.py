@@ -3,16 +3,18 @@ workers; and the SLURM launcher's job script."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, run_cli, tiny_overrides
 from tests.servers import MLFLOW, mlflow_server, postgres
 
 
@@ -69,6 +71,52 @@ def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
     assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1", "2", "3"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(sorted(steps) == [0, 1] for steps in histories.values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MLFLOW.exists(), reason="needs the UI environment (make install)")
+def test_tracking_server_that_goes_away_mid_run(image_folder: Path, tmp_path: Path) -> None:
+    """The server is stopped after the first epoch: training finishes, the rest is saved to
+    mlflow_pending.json with a warning, and replayed into the same store once it is back."""
+    out, db = tmp_path / "run", f"sqlite:///{tmp_path / 'server.db'}"
+    tiny = [o for o in tiny_overrides(image_folder, out, tmp_path / "unused")
+            if not o.startswith(("paths.output_dir", "mlflow.tracking_uri"))]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    with mlflow_server(db, tmp_path / "artifacts", tmp_path / "server1.log") as url:
+        cmd = [
+            sys.executable,
+            "train.py",
+            "stage=teacher",
+            "loss=ce",
+            "teacher_ckpt=null",
+            *tiny,
+            "trainer.epochs=4",
+            f"hydra.run.dir={out}",
+            f"mlflow.tracking_uri={url}",
+        ]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        log = out / "train.log"
+        while not (log.exists() and "epoch 1/4" in log.read_text()):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+    # the server is gone now; the run goes on
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "does not answer" in output and "conkd.runs replay" in output
+    pending = out / "mlflow_pending.json"
+    run_id = json.loads(pending.read_text())["run_id"]
+    with mlflow_server(db, tmp_path / "artifacts", tmp_path / "server2.log") as url:
+        res = run_cli("-m", "conkd.runs", "--tracking-uri", url, "replay", str(pending))
+        assert res.returncode == 0, res.stderr[-2000:]
+        client = mlflow.MlflowClient(url)
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "val/top1"))
+        status = client.get_run(run_id).info.status
+        test_top1 = client.get_run(run_id).data.metrics.get("test/top1")
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert steps == [0, 1, 2, 3] and status == "FINISHED"
+    assert test_top1 == json.loads((out / "metrics.json").read_text())["test/top1"]
+    assert {"metrics.json", "checkpoints", "hydra"} <= artifacts
 
 
 def test_slurm_launcher_renders_its_job_script(compose_cfg, tmp_path: Path, monkeypatch) -> None:
