@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -524,6 +525,12 @@ def start_state(parts: Parts, cbs: list[Callback]) -> TrainState:
     job = parts.job
     ckpt_io.restore(ckpt, distributed.unwrap(job.model), job.optimizer, job.scheduler)
     state = TrainState.from_state_dict(ckpt["train_state"])
+    source_best = Path(ckpt["path"]).parent / "best.pt"
+    own_best = parts.ckpt_dir / "best.pt"
+    if parts.ctx.is_main and source_best.exists() and not own_best.exists():
+        # resume=PATH: the inherited best epoch may stay the best; its weights come along
+        own_best.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source_best, own_best)
     log.info(
         "resuming from %s: epoch %d/%d, batch %d, step %d",
         ckpt["path"],
