@@ -336,15 +336,22 @@ class Tracker:
         if self.enabled:
             log_params_batched(self.client, self.run_id, params)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Metrics at ``step`` (and ``tags``) in as few ``log_batch`` calls as MLflow allows."""
         if not self.enabled:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         items = [Metric(safe_key(k), float(v), now, step or 0) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self._send(metrics=items[i : i + 1000])
+        extra = [RunTag(safe_key(k), str(v)[:_MAX_TAG_LEN]) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(items), 1), 1000):
+            self._send(metrics=items[i : i + 1000], tags=extra if i == 0 else [])
 
     def log_dataset(self, fingerprint: Mapping[str, Any], context: str = "training") -> None:
         """Record the run's data as an MLflow dataset input (the runs table's Dataset column):
@@ -368,8 +375,7 @@ class Tracker:
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
         """Training callback: the epoch's metrics at ``step=epoch``, and a heartbeat."""
-        self.log_metrics(metrics, step=state.epoch - 1)
-        self.set_tags({HEARTBEAT_TAG: int(time.time())})
+        self.log_metrics(metrics, step=state.epoch - 1, tags={HEARTBEAT_TAG: int(time.time())})
 
     def on_resume(self, state: Any) -> None:
         """Log the finished epochs of a resumed state the run does not have yet (all of them in
