@@ -20,3 +20,11 @@ def compose(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
+
+
+def missing_dataset(data: str | Path) -> bool:
+    """True (and says so) when ``data`` is not a class-folder dataset: the benchmark skips."""
+    if (Path(data) / "train").is_dir():
+        return False
+    print(f"skipped: no class-folder dataset at {data} (pass --data)")
+    return True

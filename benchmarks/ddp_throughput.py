@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT  # noqa: E402
+from benchmarks._common import ROOT, missing_dataset  # noqa: E402
 
 
 def throughput(cmd: list[str], out: Path) -> float:
@@ -41,8 +41,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    if not (Path(args.data) / "train").is_dir():
-        print(f"skipped: no class-folder dataset at {args.data} (pass --data)")
+    if missing_dataset(args.data):
         return 0
     work = Path(tempfile.mkdtemp(prefix="conkd_ddp_"))
     common = [

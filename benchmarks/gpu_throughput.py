@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, compose  # noqa: E402
+from _common import ROOT, compose, missing_dataset  # noqa: E402
 
 
 def throughput(overrides: list[str], steps: int) -> tuple[float, object]:
@@ -58,8 +58,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "conkd-gpu-bench"))
     args = ap.parse_args()
     data = Path(args.data)
-    if not (data / "train").is_dir():
-        print(f"skipped: no class-folder dataset at {data} (pass --data)")
+    if missing_dataset(args.data):
         return 0
     import torch
 

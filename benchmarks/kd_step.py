@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, compose  # noqa: E402
+from _common import ROOT, compose, missing_dataset  # noqa: E402
 
 
 def timed_epoch(overrides: list[str], epoch: int, steps: int) -> float:
@@ -45,8 +45,7 @@ def main() -> int:
     args = ap.parse_args()
 
     data = Path(args.data)
-    if not (data / "train").is_dir():
-        print(f"skipped: no class-folder dataset at {data} (pass --data)")
+    if missing_dataset(args.data):
         return 0
     from conkd.run import run
 

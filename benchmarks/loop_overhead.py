@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from _common import ROOT, compose
+from _common import ROOT, compose, missing_dataset
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -85,8 +85,7 @@ def main() -> int:
     args = ap.parse_args()
 
     data = Path(args.data)
-    if not (data / "train").is_dir():
-        print(f"skipped: no class-folder dataset at {data} (pass --data)")
+    if missing_dataset(args.data):
         return 0
     out = Path(tempfile.mkdtemp(prefix="conkd-bench-loop-"))
     overrides = [

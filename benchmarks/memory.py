@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import missing_dataset  # noqa: E402
 
 #: Runs a command and prints the peak RSS (KiB on Linux) of that child alone.
 _PEAK = (
@@ -44,8 +46,7 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "conkd-bench-cache"))
     args = ap.parse_args()
     data = Path(args.data)
-    if not (data / "train").is_dir():
-        print(f"skipped: no class-folder dataset at {data} (pass --data)")
+    if missing_dataset(args.data):
         return 0
     out = Path(tempfile.mkdtemp(prefix="conkd-bench-mem-"))
     common = [

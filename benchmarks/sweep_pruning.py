@@ -21,6 +21,8 @@ from pathlib import Path
 import optuna
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import missing_dataset  # noqa: E402
 
 
 def train(*overrides: str) -> None:
@@ -41,8 +43,7 @@ def main() -> int:
     args = ap.parse_args()
 
     data = Path(args.data)
-    if not (data / "train").is_dir():
-        print(f"skipped: no class-folder dataset at {data} (pass --data)")
+    if missing_dataset(args.data):
         return 0
     out = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True)
