@@ -1,11 +1,13 @@
 """Benchmark: the trainer's speed switches on this machine, each against the plain fp32 step.
 
-Times a ResNet-18 student training step (CE, Lion, batch 64) on ready-made batches with
-``trainer.channels_last``, ``trainer.precision=bf16`` and ``trainer.compile`` each switched on
-alone, alternating with the plain step so noise hits all alike; the best of ``--rounds`` counts.
-The defaults in ``conf/train.yaml`` follow these numbers (see README, Performance).
+Times a training step (CE, Lion, batch 64) of ``--arch`` on ready-made batches with
+``trainer.channels_last``, ``trainer.precision=bf16`` and ``trainer.compile`` switched on alone or
+together (``channels_last+bf16``), alternating with the plain step so noise hits all alike; the
+best of ``--rounds`` counts. The defaults in ``conf/train.yaml`` and the Imagenette protocol's
+switches follow these numbers (see README, Performance).
 
     python benchmarks/switches.py --image-size 64 --steps 10
+    python benchmarks/switches.py --arch resnet101 --settings fp32,channels_last+bf16
 
 Prints images/s per setting and, last, each setting's speed-up over plain fp32.
 """
@@ -28,12 +30,13 @@ from conkd.engine import autocast  # noqa: E402
 from conkd.models import Network  # noqa: E402
 
 
-def make(setting: str, size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def make(setting: str, size: int, arch: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The network and optimizer for ``setting``: switch names joined by ``+``."""
     torch.manual_seed(0)
-    model = Network("resnet18", 10, image_size=size)
-    if setting == "channels_last":
+    model = Network(arch, 10, image_size=size)
+    if "channels_last" in setting:
         model = model.to(memory_format=torch.channels_last)
-    if setting == "compile":
+    if "compile" in setting:
         model.compile()
     return model, Lion(model.parameters(), lr=1e-4, weight_decay=0.5)
 
@@ -42,9 +45,9 @@ def images_per_s(setting: str, model, opt, batches, device: torch.device) -> flo
     model.train()
     start = time.perf_counter()
     for x, y in batches:
-        if setting == "channels_last":
+        if "channels_last" in setting:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, "bf16" if setting == "bf16" else "32"):
+        with autocast(device, "bf16" if "bf16" in setting else "32"):
             loss = F.cross_entropy(model(x)["logits"].float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -58,7 +61,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--settings", default="fp32,channels_last,bf16,compile")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--settings", default="fp32,channels_last,bf16,channels_last+bf16,compile",
+                    help="comma-separated; switches in one setting joined by +")  # fmt: skip
     args = ap.parse_args()
     device = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
@@ -70,7 +75,7 @@ def main() -> int:
         for _ in range(args.steps)
     ]
     settings = args.settings.split(",")
-    built = {s: make(s, args.image_size) for s in settings}
+    built = {s: make(s, args.image_size, args.arch) for s in settings}
     for s in settings:  # warm-up (compile happens here), not timed
         images_per_s(s, *built[s], batches[:2], device)
     best = {s: 0.0 for s in settings}
@@ -78,11 +83,11 @@ def main() -> int:
         for s in settings:
             best[s] = max(best[s], images_per_s(s, *built[s], batches, device))
     print(
-        f"resnet18 CE Lion step, {args.image_size} px, batch {args.batch_size}, "
+        f"{args.arch} CE Lion step, {args.image_size} px, batch {args.batch_size}, "
         f"{args.steps} steps, {torch.get_num_threads()} threads, torch {torch.__version__}, cpu"
     )
     for s in settings:
-        print(f"{s:<14} {best[s]:7.1f} img/s")
+        print(f"{s:<20} {best[s]:7.1f} img/s")
     base = best.get("fp32")
     if base:
         print(

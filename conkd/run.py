@@ -166,6 +166,16 @@ def git_state(root: Path) -> dict[str, str]:
     return {"git.commit": commit or "unknown", "git.dirty": str(dirty).lower()}
 
 
+def describe_device(device: torch.device, processes: int) -> str:
+    """What ran the job, for comparing timings across runs: the GPU model or the CPU threads."""
+    what = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    return what if processes == 1 else f"{processes} x {what}"
+
+
 def run_tags(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> dict[str, str]:
     tags = {"stage": str(cfg.stage), "command": shlex.join(sys.argv)}
     tags.update(git_state(Path(cfg.paths.root_dir)))
@@ -443,7 +453,11 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
         run_name=cfg.mlflow.run_name or run_name(cfg, objective.needs_teacher),
         artifact_location=artifact_location,
         parent_run_id=sweep_parent_run_id(hydra_cfg and hydra_cfg.get("sweep_dir")),
-        tags={**run_tags(cfg, hydra_cfg), **teacher_tags},
+        tags={
+            **run_tags(cfg, hydra_cfg),
+            "conkd.device": describe_device(device, ctx.world),
+            **teacher_tags,
+        },
         resume_run_id=checkpoint.get("run_id") if same_run and checkpoint else None,
         pending_file=out_dir / "mlflow_pending.json",
     )

@@ -1,0 +1,147 @@
+"""experiments/protocol.py: which rows run, the table written from MLflow, and (slow) the whole
+protocol at toy scale run twice (the second run finds everything done)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+spec = importlib.util.spec_from_file_location("protocol", ROOT / "experiments" / "protocol.py")
+protocol = importlib.util.module_from_spec(spec)
+sys.modules["protocol"] = protocol  # dataclasses look their module up while the file runs
+spec.loader.exec_module(protocol)
+
+
+def fake_run(client, exp_id: str, row: str, seed: int, top1: float, status: str = "FINISHED",
+             epoch_s: float = 30.0, curve: tuple[float, ...] = (50.0, 60.0)) -> str:  # fmt: skip
+    """A run as train.py logs it: tags, params, per-epoch history and final metrics."""
+    tags = {"protocol": "t", "row": row, "conkd.device": "cpu (2 threads)"}
+    run = client.create_run(exp_id, tags=tags)
+    rid = run.info.run_id
+    for k, v in {"seed": seed, "trainer.epochs": len(curve), "dataset.image_size": 32}.items():
+        client.log_param(rid, k, v)
+    for step, v in enumerate(curve):
+        client.log_metric(rid, "val/top1", v, step=step)
+        client.log_metric(rid, "train/epoch_time_s", epoch_s, step=step)
+    for k, v in {"test/top1": top1, "test/top5": 99.0, "best/val/top1": max(curve)}.items():
+        client.log_metric(rid, k, v)
+    client.set_terminated(rid, status)
+    return rid
+
+
+@pytest.fixture
+def store(tmp_path: Path, image_folder: Path):
+    from mlflow import MlflowClient
+
+    s = protocol.Settings(
+        name="t", data=image_folder, out=tmp_path / "out", seeds=(0, 1), trials=3,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )  # fmt: skip
+    client = MlflowClient(s.tracking_uri)
+    exp = client.create_experiment(s.experiment)
+    fake_run(client, exp, "teacher", 0, 80.0)
+    fake_run(client, exp, "ce", 0, 70.0)
+    fake_run(client, exp, "ce", 1, 72.0, curve=(52.0, 64.0))
+    fake_run(client, exp, "kd", 0, 75.0)
+    fake_run(client, exp, "kd", 1, 99.0, status="KILLED")  # killed: must run again
+    return s, client
+
+
+def test_plan_runs_only_what_is_not_finished(store) -> None:
+    s, client = store
+    steps = {(r.name, seed): cmd for r, seed, cmd in protocol.plan(s, protocol.ROWS, client)}
+    assert steps[("teacher", 0)].startswith("done (run ")
+    assert steps[("ce", 0)].startswith("done") and steps[("ce", 1)].startswith("done")
+    assert steps[("kd", 0)].startswith("done")
+    kd1 = steps[("kd", 1)]
+    assert kd1[:2] == ["loss=kd", "optimizer=adamw"]
+    assert "seed=1" in kd1 and f"hydra.run.dir={(s.dir / 'kd' / 'seed1').resolve()}" in kd1
+    assert f"teacher_ckpt={s.teacher_ckpt.resolve()}" in kd1
+    assert "++mlflow.tags.row=kd" in kd1
+    sweep = steps[("sweep", 0)]
+    assert sweep[0] == "-m" and "hydra.sweeper.n_trials=3" in sweep
+    assert steps[("sweep_best", 0)] == steps[("sweep_best", 1)] == "waits for the sweep"
+    assert ("notebook", 0) in steps  # plan() takes any rows; select() leaves optional ones out
+    assert "notebook" not in {r.name for r in protocol.select(None)}
+
+
+def test_students_wait_for_the_teacher(tmp_path: Path, image_folder: Path) -> None:
+    from mlflow import MlflowClient
+
+    s = protocol.Settings(name="t", data=image_folder, out=tmp_path,
+                          tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")  # fmt: skip
+    steps = protocol.plan(s, [protocol.BY_NAME["teacher"], protocol.BY_NAME["kd"]],
+                          MlflowClient(s.tracking_uri))  # fmt: skip
+    assert isinstance(steps[0][2], list)
+    assert [cmd for _, _, cmd in steps[1:]] == ["waits for the teacher"] * 2
+
+
+def test_table_from_the_store(store, tmp_path: Path) -> None:
+    s, _ = store
+    readme = tmp_path / "README.md"
+    readme.write_text("# Experiments\n\nintro\n")
+    protocol.tabulate(s, readme, tmp_path / "figures")
+    protocol.tabulate(s, readme, tmp_path / "figures")  # re-tabulating replaces the section
+    text = readme.read_text()
+    assert text.count("<!-- protocol:t:start -->") == 1 and text.startswith("# Experiments\n")
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| teacher ResNet-101, CE (label smoothing 0.1) | 80.00 | 99.00 |")
+    assert rows[1] == (
+        "| ResNet-18, CE only, AdamW | 71.00 ± 1.41 (70.00, 72.00) | 99.00 | 62.00 | 2 | 32 "
+        "| 1.0 min | cpu (2 threads) | `experiment=teacher model=resnet18 mlflow.register=null` |"
+    )
+    assert rows[2].startswith(
+        "| ResNet-18, Hinton KD (T 4), AdamW | 75.00 | "
+    )  # killed run left out
+    assert len(rows) == 3
+    assert "- teacher vs CE student (must be clearly positive): +9.00 points (larger than the " \
+           "seed spread, spread 1.41)" in text  # fmt: skip
+    assert "- KD vs CE: +4.00 points (larger than the seed spread, spread 1.41)" in text
+    assert (tmp_path / "figures" / "t_val_curves.png").stat().st_size > 0
+    assert "![validation top-1 per epoch](figures/t_val_curves.png)" in text
+
+
+def test_unknown_row_is_named() -> None:
+    with pytest.raises(SystemExit, match="unknown row.*nope"):
+        protocol.select("kd,nope")
+
+
+@pytest.mark.slow
+def test_whole_protocol_at_toy_scale_then_nothing_twice(image_folder: Path, tmp_path: Path) -> None:
+    """Every default row at 32 px / 2 steps, one seed, a 2-trial sweep; run again: all done."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        str(ROOT / "experiments" / "protocol.py"), "run", "--name", "toy",
+        "--data", str(image_folder), "--out", str(tmp_path / "out"), "--image-size", "32",
+        "--teacher-epochs", "1", "--student-epochs", "2", "--seeds", "0", "--trials", "2",
+        "--tracking-uri", store, "--readme", str(tmp_path / "README.md"),
+        "--figures", str(tmp_path / "figures"),
+    ]  # fmt: skip
+    for o in ("dataset.batch_size=8", "dataset.eval_batch_size=16", "dataset.num_workers=0",
+              "dataset.val_fraction=0.2", "model.small_stem=false", "teacher.small_stem=false",
+              "trainer.max_steps_per_epoch=2", "mlflow.log_model=false",
+              f"paths.cache_dir={tmp_path / 'cache'}"):  # fmt: skip
+        args += ["--set", o]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count(": running (log ") == 8  # teacher, 5 rows, sweep, best
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert ": running" not in second.stdout
+    assert second.stdout.count(": done (") == 8
+
+    table = run_cli(*[a if a != "run" else "table" for a in args])
+    assert table.returncode == 0, table.stdout + table.stderr
+    text = (tmp_path / "README.md").read_text()
+    out = tmp_path / "out" / "toy"
+    for row in ("teacher", "ce", "kd", "lsd", "lsd_supcon_adamw", "conkd_lion", "sweep_best"):
+        metrics = json.loads((out / row / "seed0" / "metrics.json").read_text())
+        title = protocol.BY_NAME[row].title
+        assert f"| {title} | {metrics['test/top1']:.2f} | {metrics['test/top5']:.2f} |" in text
+    assert "- trials: 2 counted of 2" in text
