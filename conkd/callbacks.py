@@ -76,47 +76,65 @@ class MLflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
 
         if study and storage:
-            found = with_retry(
-                self.client.search_runs,
-                [exp_id],
-                filter_string=f"tags.`sweep.study` = '{study}' and tags.`sweep.parent` = 'true'",
-                max_results=1,
-            )
+            found = self._study_parents(exp_id, study)
             if found:
                 self.run_id = found[0].info.run_id
                 with_retry(self.client.update_run, self.run_id, status="RUNNING")
                 self._close_interrupted_children(exp_id)
                 log.info("MLflow: resuming sweep parent run %s (study %s)", self.run_id, study)
         if self.run_id is None:
-            tags = {
-                "sweep.parent": "true",
-                "sweep.id": str(sweep_dir),
-                "command": shlex.join(sys.argv),
-                "overrides": " ".join(config.hydra.overrides.task),
-                "sweeper": str(sweeper.get("_target_", "")),
-            }
-            if study:
-                tags.update({"sweep.study": study, "sweep.storage": str(storage)})
-            run = with_retry(
-                self.client.create_run,
-                exp_id,
-                run_name=f"sweep {study or sweep_dir.name}",
-                tags=tags,
-            )
-            self.run_id = run.info.run_id
-            (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)  # before anything can fail
-            params = {
-                f"override.{o.split('=', 1)[0]}": o.split("=", 1)[-1]
-                for o in config.hydra.overrides.task
-            }
-            space = sweeper.get("params") or {}
-            params.update({f"search.{k}": v for k, v in space.items()})
-            for key in ("n_trials", "n_jobs", "direction", "max_failure_rate"):
-                if key in sweeper:
-                    params[f"sweeper.{key}"] = sweeper[key]
-            log_params_batched(self.client, self.run_id, params)
+            self.run_id = self._create_parent(config, exp_id, sweep_dir)
+            if study and storage:
+                self.run_id = self._settle_parent(exp_id, study, self.run_id)
         (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)
         atexit.register(self._close, "FAILED")
+
+    def _study_parents(self, exp_id: str, study: str) -> list[Any]:
+        """The study's parent runs, oldest first (run id breaks a tie)."""
+        runs = with_retry(
+            self.client.search_runs,
+            [exp_id],
+            filter_string=f"tags.`sweep.study` = '{study}' and tags.`sweep.parent` = 'true'",
+            max_results=100,
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def _settle_parent(self, exp_id: str, study: str, own: str) -> str:
+        """Workers of one study started together may each have created a parent: every one of
+        them adopts the oldest and deletes its own, so all trials nest under one run."""
+        oldest = self._study_parents(exp_id, study)[0].info.run_id
+        if oldest != own:
+            with_retry(self.client.delete_run, own)
+            log.info("MLflow: another worker created sweep parent %s first; using it", oldest)
+        return oldest
+
+    def _create_parent(self, config: DictConfig, exp_id: str, sweep_dir: Path) -> str:
+        """A new parent run with the sweep's command, overrides and search space."""
+        sweeper = config.hydra.sweeper
+        study, storage = sweeper.get("study_name"), sweeper.get("storage")
+        tags = {
+            "sweep.parent": "true",
+            "sweep.id": str(sweep_dir),
+            "command": shlex.join(sys.argv),
+            "overrides": " ".join(config.hydra.overrides.task),
+            "sweeper": str(sweeper.get("_target_", "")),
+        }
+        if study:
+            tags.update({"sweep.study": study, "sweep.storage": str(storage)})
+        run = with_retry(
+            self.client.create_run, exp_id, run_name=f"sweep {study or sweep_dir.name}", tags=tags
+        )
+        (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)  # before anything can fail
+        params = {
+            f"override.{o.split('=', 1)[0]}": o.split("=", 1)[-1]
+            for o in config.hydra.overrides.task
+        }
+        params.update({f"search.{k}": v for k, v in (sweeper.get("params") or {}).items()})
+        for key in ("n_trials", "n_jobs", "direction", "max_failure_rate"):
+            if key in sweeper:
+                params[f"sweeper.{key}"] = sweeper[key]
+        log_params_batched(self.client, run.info.run_id, params)
+        return run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:

@@ -292,3 +292,24 @@ def test_parallel_trials_with_joblib(image_folder: Path, tmp_path: Path) -> None
     parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1
     assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1"]
+
+
+def test_workers_that_race_settle_on_one_parent_run(tmp_path: Path) -> None:
+    """Two workers of one study that both found no parent and created one: each keeps the
+    oldest and deletes its own, so every trial nests under the same run."""
+    from conkd.callbacks import MLflowSweepCallback
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e")
+    tags = {"sweep.parent": "true", "sweep.study": "s"}
+    first = client.create_run(exp, tags=tags, start_time=1000).info.run_id
+    second = client.create_run(exp, tags=tags, start_time=2000).info.run_id
+    client.create_run(exp, tags={**tags, "sweep.study": "other"}, start_time=500)
+    workers = [MLflowSweepCallback(), MLflowSweepCallback()]
+    for w in workers:
+        w.client = client
+    assert workers[1]._settle_parent(exp, "s", second) == first
+    assert workers[0]._settle_parent(exp, "s", first) == first
+    assert client.get_run(second).info.lifecycle_stage == "deleted"
+    assert client.get_run(first).info.lifecycle_stage == "active"
+    assert [r.info.run_id for r in workers[0]._study_parents(exp, "s")] == [first]
