@@ -21,6 +21,7 @@ Uses a generated 3-class image folder (no download). Prints a report; the last l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -59,11 +60,13 @@ def run_overrides(data: Path, work: Path, epochs: int, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def start(args: list[str]) -> subprocess.Popen:
+def start(args: list[str], nproc: int = 1) -> subprocess.Popen:
+    """``train.py args`` in its own process group; with ``nproc`` > 1 under torchrun (gloo)."""
     env = {**os.environ, "CONKD_ROOT": str(ROOT)}
     env.pop("HYDRA_FULL_ERROR", None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, *(launcher if nproc > 1 else []), str(ROOT / "train.py"), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -73,7 +76,16 @@ def start(args: list[str]) -> subprocess.Popen:
 
 
 def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and every process under it, as a lost machine would: torchrun starts
+    its workers in sessions of their own, so the launcher's process group is not enough."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(tree, timeout=30)
     proc.wait()
 
 
@@ -84,11 +96,13 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-def kill_once(args: list[str], ckpt_dir: Path, rng: random.Random, during_write: bool) -> str:
+def kill_once(
+    args: list[str], ckpt_dir: Path, rng: random.Random, during_write: bool, nproc: int = 1
+) -> str:
     """Start the run and SIGKILL it after 1-3 more checkpoint writes: at once when the next
     ``last.pt.tmp`` appears (``during_write``), else after a random part of a step. Returns
     where it was killed, or ``finished`` when the run ended first."""
-    proc = start(args)
+    proc = start(args, nproc)
     last, tmp = ckpt_dir / "last.pt", ckpt_dir / "last.pt.tmp"
     seen, target, previous = 0, rng.randint(1, 3), _mtime(last)
     while proc.poll() is None:
@@ -110,8 +124,8 @@ def kill_once(args: list[str], ckpt_dir: Path, rng: random.Random, during_write:
     return "finished"
 
 
-def finish(args: list[str]) -> None:
-    proc = start(args)
+def finish(args: list[str], nproc: int = 1) -> None:
+    proc = start(args, nproc)
     _, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"run failed: {err.decode()[-3000:]}")
@@ -161,11 +175,14 @@ def mlflow_report(tracking_uri: str, run_id: str, epochs: int) -> dict[str, Any]
     }
 
 
-def fault_run(work: Path, data: Path, kills: int, epochs: int, steps: int, seed: int) -> dict:
-    """Reference run, then the same run killed ``kills`` times and resumed; the report."""
+def fault_run(
+    work: Path, data: Path, kills: int, epochs: int, steps: int, seed: int, nproc: int = 1
+) -> dict:
+    """Reference run, then the same run killed ``kills`` times and resumed; the report. With
+    ``nproc`` > 1 both run under torchrun and a kill takes every rank down."""
     base = run_overrides(data, work, epochs, steps)
     t0 = time.perf_counter()
-    finish([*base, f"hydra.run.dir={work / 'reference'}"])
+    finish([*base, f"hydra.run.dir={work / 'reference'}"], nproc)
     ref_s = time.perf_counter() - t0
     rng = random.Random(seed)
     killed_dir = work / "killed"
@@ -173,12 +190,12 @@ def fault_run(work: Path, data: Path, kills: int, epochs: int, steps: int, seed:
     where = []
     while len(where) < kills:
         during_write = len(where) % 2 == 1
-        at = kill_once(args, killed_dir / "checkpoints", rng, during_write)
+        at = kill_once(args, killed_dir / "checkpoints", rng, during_write, nproc)
         if at == "finished":
             break
         where.append(at)
     if not (killed_dir / "metrics.json").exists():
-        finish(args)
+        finish(args, nproc)
     mismatches = compare_runs(work / "reference", killed_dir)
     meta = json.loads((killed_dir / "metrics.json").read_text())
     tracking = mlflow_report(f"sqlite:///{work / 'mlflow.db'}", meta["run_id"], epochs)
@@ -284,12 +301,13 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4, help="steps per epoch (batch 8)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun, gloo)")
     ap.add_argument("--sweep", action="store_true", help="also kill a sweep twice")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="conkd_fault_"))
     data = write_dataset(work / "data")
-    run = fault_run(work, data, args.kills, args.epochs, args.steps, args.seed)
+    run = fault_run(work, data, args.kills, args.epochs, args.steps, args.seed, args.nproc)
     print(f"uninterrupted run: {run['reference_s']:.0f} s")
     for i, at in enumerate(run["kills"], 1):
         print(f"kill {i}: SIGKILL {at}")

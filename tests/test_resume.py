@@ -166,6 +166,22 @@ def test_sweep_killed_twice_evaluates_nothing_twice(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_torchrun_run_killed_twice_resumes_bit_identical(tmp_path: Path) -> None:
+    """Two gloo processes: a kill takes both ranks down, the same torchrun command resumes
+    every rank from rank 0's checkpoint and ends as the uninterrupted 2-process run."""
+    data = write_dataset(tmp_path / "data")
+    report = fault_run(tmp_path, data, kills=2, epochs=2, steps=3, seed=1, nproc=2)
+    assert len(report["kills"]) == 2, report
+    assert report["mismatches"] == []
+    assert report["mlflow"] == {
+        "status": "FINISHED",
+        "val_top1_steps": [0, 1],
+        "duplicates": 0,
+        "missing": [],
+    }
+
+
+@pytest.mark.slow
 def test_sigkill_at_five_points_resumes_bit_identical(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data")
     report = fault_run(tmp_path, data, kills=5, epochs=3, steps=4, seed=0)
