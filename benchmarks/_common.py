@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,3 +31,14 @@ def missing_dataset(data: str | Path) -> bool:
         return False
     print(f"skipped: no class-folder dataset at {data} (pass --data)")
     return True
+
+
+def scratch_dir(prefix: str, keep: bool = False) -> Path:
+    """A temporary working folder for a benchmark's runs, removed when the script exits
+    (checkpoints and MLflow stores take GBs) unless ``keep`` (``--keep``), which prints it."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    if keep:
+        atexit.register(print, f"working folder kept: {work}")
+    else:
+        atexit.register(shutil.rmtree, work, True)
+    return work

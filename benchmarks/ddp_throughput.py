@@ -13,12 +13,11 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, missing_dataset  # noqa: E402
+from benchmarks._common import ROOT, missing_dataset, scratch_dir  # noqa: E402
 
 
 def throughput(cmd: list[str], out: Path) -> float:
@@ -40,10 +39,11 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
     if missing_dataset(args.data):
         return 0
-    work = Path(tempfile.mkdtemp(prefix="conkd_ddp_"))
+    work = scratch_dir("conkd_ddp_", args.keep)
     common = [
         "experiment=teacher", "model=resnet18", "mlflow.enabled=false", "dataset=imagefolder",
         f"dataset.root={args.data}", "dataset.source.verify=false",

@@ -28,14 +28,13 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT  # noqa: E402
+from benchmarks._common import ROOT, scratch_dir  # noqa: E402
 from tests.conftest import write_image_folder  # noqa: E402
 
 #: Metrics that measure time, not the computation.
@@ -304,8 +303,9 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun, gloo)")
     ap.add_argument("--sweep", action="store_true", help="also kill a sweep twice")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary working folder")
     args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="conkd_fault_"))
+    work = Path(args.work) if args.work else scratch_dir("conkd_fault_", args.keep)
     data = write_dataset(work / "data")
     run = fault_run(work, data, args.kills, args.epochs, args.steps, args.seed, args.nproc)
     print(f"uninterrupted run: {run['reference_s']:.0f} s")

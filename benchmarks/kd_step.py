@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, compose, missing_dataset  # noqa: E402
+from _common import ROOT, compose, missing_dataset, scratch_dir  # noqa: E402
 
 
 def timed_epoch(overrides: list[str], epoch: int, steps: int) -> float:
@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--online", action="store_true", help="also time the online teacher")
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "conkd-bench-cache"))
+    ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
 
     data = Path(args.data)
@@ -49,7 +50,7 @@ def main() -> int:
         return 0
     from conkd.run import run
 
-    out = Path(tempfile.mkdtemp(prefix="conkd-bench-kd-"))
+    out = scratch_dir("conkd-bench-kd-", args.keep)
     rounds = args.rounds
     common = [
         "dataset=imagefolder",

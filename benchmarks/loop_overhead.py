@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from _common import ROOT, compose, missing_dataset
+from _common import ROOT, compose, missing_dataset, scratch_dir
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -82,12 +82,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pil", action="store_true", help="ConKD side on the PIL path too")
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "conkd-bench-cache"))
+    ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
 
     data = Path(args.data)
     if missing_dataset(args.data):
         return 0
-    out = Path(tempfile.mkdtemp(prefix="conkd-bench-loop-"))
+    out = scratch_dir("conkd-bench-loop-", args.keep)
     overrides = [
         "stage=teacher",
         "model=resnet18",

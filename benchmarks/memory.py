@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import missing_dataset  # noqa: E402
+from _common import missing_dataset, scratch_dir  # noqa: E402
 
 #: Runs a command and prints the peak RSS (KiB on Linux) of that child alone.
 _PEAK = (
@@ -44,11 +44,12 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "conkd-bench-cache"))
+    ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
     data = Path(args.data)
     if missing_dataset(args.data):
         return 0
-    out = Path(tempfile.mkdtemp(prefix="conkd-bench-mem-"))
+    out = scratch_dir("conkd-bench-mem-", args.keep)
     common = [
         "dataset=imagefolder",
         f"dataset.root={data}",

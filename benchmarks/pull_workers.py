@@ -20,13 +20,12 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT  # noqa: E402
+from benchmarks._common import ROOT, scratch_dir  # noqa: E402
 from benchmarks.fault_resume import write_dataset  # noqa: E402
 from tests.servers import postgres  # noqa: E402
 
@@ -77,8 +76,9 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="conkd_pull_"))
+    work = scratch_dir("conkd_pull_", args.keep)
     data = write_dataset(work / "data", per_class_train=40)
     with postgres(work) as pg:
         storage = f"postgresql+psycopg2://{pg}/optuna"
