@@ -115,7 +115,7 @@ def common(s: Settings, row: Row, seed: int) -> list[str]:
         f"dataset.root={s.data.resolve()}",
         f"dataset.image_size={s.image_size}",
         f"trainer.epochs={epochs}",
-        "trainer.precision=bf16",  # with channels_last: 2.0x (ResNet-101) / 1.35x (ResNet-18)
+        "trainer.precision=bf16",  # with channels_last: 1.71x (ResNet-101) / 1.48x (ResNet-18)
         "trainer.channels_last=true",  # per step on this CPU (benchmarks/switches.py)
         "trainer.progress=false",
         f"seed={seed}",
