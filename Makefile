@@ -40,8 +40,8 @@ test-all: $(STAMP) $(UI_STAMP)
 	$(PY) -m pytest -q -m ''
 
 lint: $(STAMP)
-	$(PY) -m ruff check conkd tests train.py eval.py hydra_plugins benchmarks
-	$(PY) -m ruff format --check conkd tests train.py eval.py hydra_plugins benchmarks
+	$(PY) -m ruff check conkd tests train.py eval.py hydra_plugins benchmarks experiments
+	$(PY) -m ruff format --check conkd tests train.py eval.py hydra_plugins benchmarks experiments
 
 ## ui: the MLflow UI on the project's store, http://127.0.0.1:5000
 ui: $(UI_STAMP)
