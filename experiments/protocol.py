@@ -184,6 +184,8 @@ def sweep_state(s: Settings) -> tuple[Any, int]:
     ``trials``: finished, pruned or failed (an interrupted one is re-run by the sweeper)."""
     import optuna
 
+    from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import count_trials
+
     if not (s.dir / "optuna.db").is_file():
         return None, 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -191,12 +193,8 @@ def sweep_state(s: Settings) -> tuple[Any, int]:
         study = optuna.load_study(study_name=s.study, storage=s.storage)
     except KeyError:
         return None, 0
-    done = ("COMPLETE", "PRUNED")
-    counted = sum(
-        t.state.name in done or (t.state.name == "FAIL" and not t.system_attrs.get("interrupted"))
-        for t in study.trials
-    )
-    return study, counted
+    # RUNNING trials are not counted: nothing else runs this protocol's sweep, so they are orphans
+    return study, count_trials(study, running=False)[0]
 
 
 def best_params(study: Any) -> dict[str, Any] | None:

@@ -145,3 +145,24 @@ def test_whole_protocol_at_toy_scale_then_nothing_twice(image_folder: Path, tmp_
         title = protocol.BY_NAME[row].title
         assert f"| {title} | {metrics['test/top1']:.2f} | {metrics['test/top5']:.2f} |" in text
     assert "- trials: 2 counted of 2" in text
+
+
+def test_sweep_count_leaves_out_interrupted_and_orphaned_trials(tmp_path: Path) -> None:
+    """A killed sweep's interrupted trial (re-queued by the sweeper) and its orphaned RUNNING
+    one do not count towards the protocol's trials; finished, pruned and failed ones do."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import INTERRUPTED_ATTR
+
+    s = protocol.Settings(name="t", out=tmp_path, trials=3)
+    s.dir.mkdir(parents=True)
+    study = optuna.create_study(study_name=s.study, storage=s.storage)
+    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        value = 1.0 if state == TrialState.COMPLETE else None
+        study.add_trial(optuna.trial.create_trial(state=state, value=value))
+    killed = study.ask()  # as the sweeper marks an orphan: flagged, then FAIL
+    study._storage.set_trial_system_attr(killed._trial_id, INTERRUPTED_ATTR, True)
+    study._storage.set_trial_state(killed._trial_id, TrialState.FAIL)
+    study.ask()  # RUNNING, and nobody runs it
+    assert protocol.sweep_state(s)[1] == 3

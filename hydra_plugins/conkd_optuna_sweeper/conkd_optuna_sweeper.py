@@ -67,6 +67,20 @@ INTERRUPTED_ATTR = "conkd:interrupted"
 RESUME_ATTR = "conkd:resume"
 
 
+def count_trials(study: optuna.Study, running: bool = True) -> tuple[int, int]:
+    """(trials that count towards n_trials, failures): finished, failed (not interrupted) and,
+    with ``running``, running in live workers, over every worker of the study."""
+    counted = failed = 0
+    states = (TrialState.COMPLETE, TrialState.PRUNED) + ((TrialState.RUNNING,) if running else ())
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.FAIL and not t.system_attrs.get(INTERRUPTED_ATTR):
+            failed += 1
+            counted += 1
+        elif t.state in states:
+            counted += 1
+    return counted, failed
+
+
 class PruneAwareStorage(RDBStorage):
     """RDB storage that records a trial its job marked as pruned as PRUNED, not COMPLETE.
 
@@ -167,18 +181,6 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
                     study._storage.set_trial_user_attr(queued._trial_id, RESUME_ATTR, ckpt)
             log.info("trial %d was interrupted (%s): marked FAIL and queued again", t.number, why)
 
-    def _count(self, study: optuna.Study) -> tuple[int, int]:
-        """(trials that count towards n_trials, failures): finished, failed (not interrupted)
-        and running in live workers, over every worker of the study."""
-        counted = failed = 0
-        for t in study.get_trials(deepcopy=False):
-            if t.state == TrialState.FAIL and not t.system_attrs.get(INTERRUPTED_ATTR):
-                failed += 1
-                counted += 1
-            elif t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-                counted += 1
-        return counted, failed
-
     def _search_space(self, arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The swept distributions and the fixed parameters, as the released sweeper builds them."""
         self._process_searchspace_config()
@@ -219,7 +221,7 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
         self._reseed(len(study.trials))
         study.sampler = self.sampler
         budget = self.max_failure_rate * self.n_trials
-        counted, failed = self._count(study)
+        counted, failed = count_trials(study)
         if counted:
             log.info("study %s has %d of %d trials", self.study_name, counted, self.n_trials)
         last: list = []
@@ -229,7 +231,7 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
             last = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(last)
             self._tell(study, trials, last)
-            counted, failed = self._count(study)
+            counted, failed = count_trials(study)
         if failed > budget:
             log.error(
                 "%d trials failed, more than max_failure_rate=%s of %d: stopping",
