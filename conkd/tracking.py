@@ -52,13 +52,23 @@ def resolve_store(root: str | Path, tracking_uri: str | None) -> tuple[str, str 
     return uri, None
 
 
-def with_retry(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
-    """Call ``fn``, retrying SQLite's "database is locked" from concurrent writers with backoff."""
+#: Store errors that concurrent writers cause and a later try gets past: SQLite's lock.
+LOCKED = ("database is locked",)
+#: ... and MLflow's check-then-insert of shared rows (``log_inputs``: runs that record the same
+#: dataset at the same moment both insert it; the loser's retry finds the row).
+INSERT_RACE = (*LOCKED, "unique constraint", "duplicate key")
+
+
+def with_retry(
+    fn: Any, *args: Any, attempts: int = 8, transient: tuple[str, ...] = LOCKED, **kwargs: Any
+) -> Any:
+    """Call ``fn``, retrying errors whose message holds one of ``transient`` with backoff."""
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # MlflowException wraps sqlalchemy.OperationalError
-            if "locked" not in str(err).lower() or attempt == attempts - 1:
+            message = str(err).lower()
+            if not any(t in message for t in transient) or attempt == attempts - 1:
                 raise
             time.sleep(0.1 * 2**attempt * (1 + random.random()))
     raise AssertionError("unreachable")
@@ -371,7 +381,16 @@ class Tracker:
             profile=json.dumps(fingerprint["sizes"]),
         )
         tags = [InputTag(key="mlflow.data.context", value=context)]
-        with_retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, tags)])
+        try:
+            with_retry(
+                self.client.log_inputs,
+                self.run_id,
+                datasets=[DatasetInput(dataset, tags)],
+                attempts=4,
+                transient=INSERT_RACE,
+            )
+        except Exception as err:  # a record of the data is not worth the training run
+            log.warning("MLflow did not record the dataset input (%s); training goes on", err)
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
         """Training callback: the epoch's metrics at ``step=epoch``, and a heartbeat."""

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,12 +47,12 @@ def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
             env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
             workers = [
                 subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 for _ in range(2)
             ]  # fmt: skip
-            errors = [w.communicate(timeout=600)[1] for w in workers]
-            for w, err in zip(workers, errors):
-                assert w.returncode == 0, err[-3000:]
+            outputs = [w.communicate(timeout=600)[0] for w in workers]
+            for w, out in zip(workers, outputs):
+                assert w.returncode == 0, out[-3000:]
             trials = optuna.load_study(study_name="shared", storage=storage).trials
             client = mlflow.MlflowClient(url)
             exp = client.get_experiment_by_name("conkd-imagefolder")
@@ -64,13 +65,46 @@ def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
                 for c in children
             }
     # the study ends at the requested total, each trial number run once, by one of the workers
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE"] * 4, "\n\n".join(o[-4000:] for o in outputs)
     pids = {t.system_attrs["conkd:pid"] for t in trials}
     assert len(pids) == 2  # both workers pulled trials
     # one MLflow child run per trial number, every epoch's metrics there
     assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1", "2", "3"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(sorted(steps) == [0, 1] for steps in histories.values())
+
+
+@pytest.mark.skipif(not MLFLOW.exists(), reason="needs the UI environment (make install)")
+def test_runs_that_record_one_dataset_at_once_on_a_server(tmp_path: Path, caplog) -> None:
+    """Trials starting together each record the same dataset input; MLflow's server checks,
+    then inserts, so on PostgreSQL all but one used to fail with "duplicate key" (and with them
+    their trials). Every run gets its record now."""
+    from conkd.tracking import Tracker
+
+    fingerprint = {"identity": "shared", "digest": "0" * 36, "source": "/data",
+                   "classes": ["a"], "sizes": {"train": 1}}  # fmt: skip
+    with postgres(tmp_path, ("mlflow",)) as pg:
+        backend = f"postgresql+psycopg2://{pg}/mlflow"
+        with mlflow_server(backend, tmp_path / "artifacts", tmp_path / "server.log") as url:
+            trackers = [Tracker(True, url, "race").__enter__() for _ in range(6)]
+            start = threading.Barrier(len(trackers))
+
+            def record(tracker: Tracker) -> None:
+                start.wait()
+                tracker.log_dataset(fingerprint)
+
+            threads = [threading.Thread(target=record, args=(t,)) for t in trackers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            client = mlflow.MlflowClient(url)
+            recorded = [len(client.get_run(t.run_id).inputs.dataset_inputs) for t in trackers]
+            for t in trackers:
+                t.__exit__(None, None, None)
+    assert "did not record" not in caplog.text
+    assert recorded == [1] * 6
 
 
 @pytest.mark.slow

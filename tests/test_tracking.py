@@ -373,3 +373,43 @@ def test_parallel_jobs_nest_under_one_parent(image_folder: Path, tmp_path: Path)
     assert all(c.info.status == "FINISHED" for c in children)
     for c in children:  # no lost metrics from concurrent writers
         assert len(client.get_metric_history(c.info.run_id, "val/top1")) == 2
+
+
+def test_dataset_input_survives_the_stores_insert_race(tmp_path: Path, caplog) -> None:
+    """Runs that record the same dataset at the same moment race in MLflow's check-then-insert
+    (PostgreSQL answers "duplicate key ... dataset_pk"): the loser retries and finds the row; a
+    store that keeps refusing costs a warning, never the training run."""
+    from mlflow.exceptions import MlflowException
+
+    from conkd.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fingerprint = {"identity": "imagenette", "digest": "d" * 40, "source": "/data",
+                   "classes": ["a", "b"], "sizes": {"train": 8}}  # fmt: skip
+    race = MlflowException(
+        "BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique "
+        'constraint "dataset_pk"'
+    )
+    with Tracker(True, uri, "e") as tracker:
+        real, calls = tracker.client.log_inputs, []
+
+        def log_inputs(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:  # the other run inserted the dataset first
+                real(*args, **kwargs)
+                raise race
+            return real(*args, **kwargs)
+
+        tracker.client.log_inputs = log_inputs
+        tracker.log_dataset(fingerprint)
+        assert len(calls) == 2 and "did not record" not in caplog.text
+
+        def refused(*args, **kwargs):
+            calls.append(1)
+            raise race
+
+        tracker.client.log_inputs = refused
+        tracker.log_dataset(fingerprint)  # no exception
+    assert len(calls) == 2 + 4 and "did not record the dataset input" in caplog.text
+    inputs = mlflow.MlflowClient(uri).get_run(tracker.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("imagenette", "d" * 36)]
