@@ -45,15 +45,27 @@ def _small_input_stem(model: nn.Module) -> None:
     model.maxpool = nn.Identity()
 
 
-def build_backbone(arch: str, pretrained: bool) -> nn.Module:
-    """A torchvision classifier by name, with its default ImageNet weights if ``pretrained``."""
+def build_backbone(arch: str, pretrained: bool, zero_init_residual: bool = False) -> nn.Module:
+    """A torchvision classifier by name, with its default ImageNet weights if ``pretrained``.
+
+    ``zero_init_residual`` starts every residual branch's last BatchNorm at zero, so a deep
+    ResNet begins as a shallow one and trains faster from scratch (Goyal et al., 2017,
+    "Accurate, Large Minibatch SGD", section 5.1).
+    """
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise ConKDError(
             f"unknown model.arch={arch!r}; any torchvision classifier works, "
             "e.g. resnet18, resnet50, mobilenet_v3_small, efficientnet_b0"
         )
     if not pretrained:
-        return torchvision.models.get_model(arch, weights=None)
+        if not zero_init_residual:
+            return torchvision.models.get_model(arch, weights=None)
+        if not arch.startswith(("resnet", "resnext", "wide_resnet")):
+            raise ConKDError(
+                f"model.zero_init_residual is implemented for ResNets only, not {arch}; "
+                "set model.zero_init_residual=false"
+            )
+        return torchvision.models.get_model(arch, weights=None, zero_init_residual=True)
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
         return torchvision.models.get_model(arch, weights=weights)
@@ -77,9 +89,10 @@ class Network(nn.Module):
         image_size: int | None = None,
         projection_dim: int | None = 128,
         projection_hidden: int | None = None,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        backbone = build_backbone(arch, pretrained)
+        backbone = build_backbone(arch, pretrained, zero_init_residual)
         if small_stem == "auto":
             small_stem = image_size is not None and image_size < 64 and arch.startswith("resnet")
         if small_stem:

@@ -26,6 +26,26 @@ def test_unknown_arch_is_clear() -> None:
         Network("resnet9000", num_classes=4)
 
 
+@pytest.mark.parametrize("zero", [False, True])
+def test_zero_init_residual_starts_each_block_as_identity(zero: bool) -> None:
+    """Every residual branch's last BatchNorm scale is 0 (the block passes its input through)
+    only when asked for; the stem and other BatchNorms keep torchvision's 1."""
+    torch.manual_seed(0)
+    net = Network("resnet18", num_classes=4, image_size=32, zero_init_residual=zero).eval()
+    blocks = [b for layer in ("layer1", "layer2") for b in getattr(net.backbone, layer)]
+    last_bn = [float(b.bn2.weight.abs().max()) for b in blocks]
+    assert last_bn == [0.0 if zero else 1.0] * 4
+    assert float(net.backbone.bn1.weight.min()) == 1.0
+    block = net.backbone.layer1[0]  # no downsample: out = relu(x + branch(x)) = relu(x)
+    x = torch.randn(2, 64, 8, 8)
+    assert torch.equal(block(x), torch.relu(x)) is zero
+
+
+def test_zero_init_residual_only_for_resnets() -> None:
+    with pytest.raises(ConKDError, match="zero_init_residual"):
+        Network("mobilenet_v3_small", num_classes=4, zero_init_residual=True)
+
+
 def test_probe_keeps_backbone_frozen_in_train_mode() -> None:
     net = Network("resnet18", num_classes=3, image_size=32, projection_dim=None)
     probe = Probe(net, linear_head(net.embedding_dim, 5)).train()
