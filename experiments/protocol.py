@@ -59,9 +59,9 @@ class Settings:
     def experiment(self) -> str:
         return f"conkd-protocol-{self.name}"
 
-    @property
-    def teacher_ckpt(self) -> Path:
-        return self.dir / "teacher" / "seed0" / "checkpoints" / "best.pt"
+    def teacher_ckpt(self, row: str = "teacher") -> Path:
+        """The best checkpoint of teacher row ``row`` (seed 0), which student rows distil from."""
+        return self.dir / row / "seed0" / "checkpoints" / "best.pt"
 
     @property
     def storage(self) -> str:
@@ -77,7 +77,8 @@ class Row:
     name: str
     title: str
     overrides: tuple[str, ...]
-    student: bool = True  # distils from the protocol's teacher
+    teacher: str | None = "teacher"  # the teacher row it distils from; None: no teacher
+    trains_teacher: bool = False  # a teacher row: teacher_epochs, seed 0, students wait for it
     optional: bool = False  # runs only when named with --rows
     seeds: tuple[int, ...] | None = None  # None: the protocol's seeds
     sweep: bool = False
@@ -85,15 +86,28 @@ class Row:
 
 ROWS = (
     Row("teacher", "teacher ResNet-101, CE (label smoothing 0.1)",
-        ("experiment=teacher", "loss.label_smoothing=0.1"), student=False, seeds=(0,)),
+        ("experiment=teacher", "loss.label_smoothing=0.1"), teacher=None, trains_teacher=True,
+        seeds=(0,)),
     Row("ce", "ResNet-18, CE only, AdamW",
-        ("experiment=teacher", "model=resnet18", "mlflow.register=null"), student=False),
+        ("experiment=teacher", "model=resnet18", "mlflow.register=null"), teacher=None),
     Row("kd", "ResNet-18, Hinton KD (T 4), AdamW", ("loss=kd", "optimizer=adamw")),
     Row("lsd", "ResNet-18, LS-KD (T 2), AdamW", ("loss=lsd", "optimizer=adamw")),
     Row("lsd_supcon_adamw", "ResNet-18, LS-KD + 0.15 SupCon, AdamW",
         ("loss=lsd+supcon", "optimizer=adamw")),
     Row("conkd_lion", "ResNet-18, LS-KD + 0.15 SupCon, Lion (the mission's method)",
         ("experiment=conkd_lion",)),
+    # A second teacher, in case the ResNet-101 ends too close to the 8-epoch CE student for the
+    # KD rows to test anything (at 64 px a ResNet-18 runs ~5x faster per epoch, so the same 40
+    # epochs cost a fifth of the ResNet-101's time); its students repeat the KD rows from it.
+    Row("teacher_r18", "teacher ResNet-18, CE (label smoothing 0.1)",
+        ("experiment=teacher", "loss.label_smoothing=0.1", "model=resnet18",
+         "mlflow.register=null"), teacher=None, trains_teacher=True, seeds=(0,)),
+    Row("kd_r18t", "ResNet-18 <- ResNet-18 teacher, Hinton KD (T 4), AdamW",
+        ("loss=kd", "optimizer=adamw", "model@teacher=resnet18"), teacher="teacher_r18"),
+    Row("lsd_r18t", "ResNet-18 <- ResNet-18 teacher, LS-KD (T 2), AdamW",
+        ("loss=lsd", "optimizer=adamw", "model@teacher=resnet18"), teacher="teacher_r18"),
+    Row("conkd_lion_r18t", "ResNet-18 <- ResNet-18 teacher, LS-KD + 0.15 SupCon, Lion",
+        ("experiment=conkd_lion", "model@teacher=resnet18"), teacher="teacher_r18"),
     Row("sweep", "hparams_search=conkd_lion sweep", ("hparams_search=conkd_lion",), sweep=True,
         seeds=(0,)),
     Row("sweep_best", "ResNet-18, conkd_lion with the sweep's best setting",
@@ -109,7 +123,7 @@ BY_NAME = {r.name: r for r in ROWS}
 
 def common(s: Settings, row: Row, seed: int) -> list[str]:
     """Overrides every run of the protocol shares: data, size, speed switches, bookkeeping."""
-    epochs = s.teacher_epochs if row.name == "teacher" else s.student_epochs
+    epochs = s.teacher_epochs if row.trains_teacher else s.student_epochs
     args = [
         "dataset=imagefolder",
         f"dataset.root={s.data.resolve()}",
@@ -125,8 +139,8 @@ def common(s: Settings, row: Row, seed: int) -> list[str]:
     ]
     if s.tracking_uri:
         args.append(f"mlflow.tracking_uri={s.tracking_uri}")
-    if row.student:
-        args.append(f"teacher_ckpt={s.teacher_ckpt.resolve()}")
+    if row.teacher:
+        args.append(f"teacher_ckpt={s.teacher_ckpt(row.teacher).resolve()}")
     return args
 
 
@@ -217,8 +231,8 @@ def plan(s: Settings, rows: Sequence[Row], client: Any) -> list[tuple[Row, int, 
                 why: str | None = f"done ({counted} of {s.trials} trials)"
             elif not row.sweep and seed in done.get(row.name, {}):
                 why = f"done (run {done[row.name][seed].info.run_id})"
-            elif row.student and 0 not in done.get("teacher", {}):
-                why = "waits for the teacher"
+            elif row.teacher and 0 not in done.get(row.teacher, {}):
+                why = f"waits for {row.teacher}"
             elif row.name == "sweep_best" and best is None:
                 why = "waits for the sweep"
             else:
@@ -335,6 +349,10 @@ def comparisons(results: Sequence[Result]) -> list[str]:
     by = {r.row.name: r for r in results}
     pairs = [
         ("teacher", "ce", "teacher vs CE student (must be clearly positive)"),
+        ("teacher_r18", "ce", "ResNet-18 teacher vs CE student"),
+        ("kd_r18t", "ce", "KD vs CE, ResNet-18 teacher"),
+        ("lsd_r18t", "kd_r18t", "LS-KD vs KD, ResNet-18 teacher"),
+        ("conkd_lion_r18t", "lsd_r18t", "adding SupCon with Lion, ResNet-18 teacher"),
         ("kd", "ce", "KD vs CE"),
         ("lsd", "kd", "LS-KD vs KD (LS paper: LS-KD > KD)"),
         ("lsd_supcon_adamw", "lsd", "adding SupCon (AdamW)"),

@@ -62,7 +62,7 @@ def test_plan_runs_only_what_is_not_finished(store) -> None:
     kd1 = steps[("kd", 1)]
     assert kd1[:2] == ["loss=kd", "optimizer=adamw"]
     assert "seed=1" in kd1 and f"hydra.run.dir={(s.dir / 'kd' / 'seed1').resolve()}" in kd1
-    assert f"teacher_ckpt={s.teacher_ckpt.resolve()}" in kd1
+    assert f"teacher_ckpt={s.teacher_ckpt().resolve()}" in kd1
     assert "++mlflow.tags.row=kd" in kd1
     sweep = steps[("sweep", 0)]
     assert sweep[0] == "-m" and "hydra.sweeper.n_trials=3" in sweep
@@ -79,7 +79,23 @@ def test_students_wait_for_the_teacher(tmp_path: Path, image_folder: Path) -> No
     steps = protocol.plan(s, [protocol.BY_NAME["teacher"], protocol.BY_NAME["kd"]],
                           MlflowClient(s.tracking_uri))  # fmt: skip
     assert isinstance(steps[0][2], list)
-    assert [cmd for _, _, cmd in steps[1:]] == ["waits for the teacher"] * 2
+    assert [cmd for _, _, cmd in steps[1:]] == ["waits for teacher"] * 2
+    # the extra ResNet-18 teacher's students wait for it, then distil from its checkpoint
+    rows = [protocol.BY_NAME["teacher_r18"], protocol.BY_NAME["kd_r18t"]]
+    client = MlflowClient(s.tracking_uri)
+    assert protocol.plan(s, rows, client)[1][2] == "waits for teacher_r18"
+    exp = client.get_experiment_by_name(s.experiment) or client.create_experiment(s.experiment)
+    fake_run(client, getattr(exp, "experiment_id", exp), "teacher_r18", 0, 85.0)
+    teacher, kd = protocol.plan(s, rows, client)[:2]
+    assert teacher[2].startswith("done (run ")
+    ckpt = (tmp_path / "t" / "teacher_r18" / "seed0" / "checkpoints" / "best.pt").resolve()
+    assert f"teacher_ckpt={ckpt}" in kd[2] and "model@teacher=resnet18" in kd[2]
+    assert "trainer.epochs=8" in kd[2]
+    assert "trainer.epochs=40" in command_of(s, "teacher_r18")
+
+
+def command_of(s, row: str) -> list[str]:
+    return protocol.command(s, protocol.BY_NAME[row], 0)
 
 
 def test_table_from_the_store(store, tmp_path: Path) -> None:
@@ -130,17 +146,19 @@ def test_whole_protocol_at_toy_scale_then_nothing_twice(image_folder: Path, tmp_
         args += ["--set", o]
     first = run_cli(*args)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.count(": running (log ") == 8  # teacher, 5 rows, sweep, best
+    # teacher, 5 rows, the ResNet-18 teacher and its 3 students, sweep, best
+    assert first.stdout.count(": running (log ") == 12
     second = run_cli(*args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert ": running" not in second.stdout
-    assert second.stdout.count(": done (") == 8
+    assert second.stdout.count(": done (") == 12
 
     table = run_cli(*[a if a != "run" else "table" for a in args])
     assert table.returncode == 0, table.stdout + table.stderr
     text = (tmp_path / "README.md").read_text()
     out = tmp_path / "out" / "toy"
-    for row in ("teacher", "ce", "kd", "lsd", "lsd_supcon_adamw", "conkd_lion", "sweep_best"):
+    for row in ("teacher", "ce", "kd", "lsd", "lsd_supcon_adamw", "conkd_lion", "teacher_r18",
+                "kd_r18t", "lsd_r18t", "conkd_lion_r18t", "sweep_best"):  # fmt: skip
         metrics = json.loads((out / row / "seed0" / "metrics.json").read_text())
         title = protocol.BY_NAME[row].title
         assert f"| {title} | {metrics['test/top1']:.2f} | {metrics['test/top5']:.2f} |" in text
