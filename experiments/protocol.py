@@ -97,8 +97,8 @@ ROWS = (
     Row("conkd_lion", "ResNet-18, LS-KD + 0.15 SupCon, Lion (the mission's method)",
         ("experiment=conkd_lion",)),
     # A second teacher, in case the ResNet-101 ends too close to the 8-epoch CE student for the
-    # KD rows to test anything (at 64 px a ResNet-18 runs ~5x faster per epoch, so the same 40
-    # epochs cost a fifth of the ResNet-101's time); its students repeat the KD rows from it.
+    # KD rows to test anything (at 64 px a ResNet-18 epoch costs about a quarter of a ResNet-101
+    # epoch here); its students repeat the KD rows from it.
     Row("teacher_r18", "teacher ResNet-18, CE (label smoothing 0.1)",
         ("experiment=teacher", "loss.label_smoothing=0.1", "model=resnet18",
          "mlflow.register=null"), teacher=None, trains_teacher=True, seeds=(0,)),
