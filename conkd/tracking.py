@@ -234,7 +234,10 @@ class Tracker:
                 tags["mlflow.parentRunId"] = self.parent_run_id
             run = with_retry(self.client.create_run, exp_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
-        self.set_tags({HOST_TAG: socket.gethostname(), PID_TAG: os.getpid()})
+        # a continued run gets this run's tags too: ones a newer version adds (conkd.device)
+        # would otherwise be missing from every run that started before it
+        again = self.tags if self.resumed else {}
+        self.set_tags({**again, HOST_TAG: socket.gethostname(), PID_TAG: os.getpid()})
         return self
 
     def _reopen(self, run_id: str) -> bool:

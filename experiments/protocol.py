@@ -416,9 +416,15 @@ def plot_curves(results: Sequence[Result], path: Path) -> Path:
     return path
 
 
+def _portable(arg: str) -> str:
+    """``key=/abs/path`` shown relative to the project root: the README holds on any machine."""
+    key, _, value = arg.partition("=")
+    return f"{key}={os.path.relpath(value, ROOT)}" if os.path.isabs(value) else arg
+
+
 def section(s: Settings, results: Sequence[Result], figures: dict[str, Path], rel: Path) -> str:
     """The README section: settings, table, comparisons, sweep, figures."""
-    shared = " ".join(a for a in common(s, BY_NAME["kd"], 0) if "=" in a)
+    shared = " ".join(_portable(a) for a in common(s, BY_NAME["kd"], 0) if "=" in a)
     lines = [
         f"Protocol `{s.name}`: {s.image_size} px, teacher {s.teacher_epochs} epochs, students "
         f"{s.student_epochs} epochs, seeds {', '.join(map(str, s.seeds))}. Every row is "

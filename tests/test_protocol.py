@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -120,6 +121,9 @@ def test_table_from_the_store(store, tmp_path: Path) -> None:
            "seed spread, spread 1.41)" in text  # fmt: skip
     assert "- KD vs CE: +4.00 points (larger than the seed spread, spread 1.41)" in text
     assert (tmp_path / "figures" / "t_val_curves.png").stat().st_size > 0
+    # the shared overrides name paths relative to the project, not this machine's folders
+    ckpt = os.path.relpath(s.teacher_ckpt().resolve(), ROOT)
+    assert f" teacher_ckpt={ckpt}" in text and "=/" not in text
     assert "![validation top-1 per epoch](figures/t_val_curves.png)" in text
 
 

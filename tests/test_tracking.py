@@ -413,3 +413,17 @@ def test_dataset_input_survives_the_stores_insert_race(tmp_path: Path, caplog) -
     assert len(calls) == 2 + 4 and "did not record the dataset input" in caplog.text
     inputs = mlflow.MlflowClient(uri).get_run(tracker.run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("imagenette", "d" * 36)]
+
+
+def test_a_continued_run_gets_tags_it_lacks(tmp_path: Path) -> None:
+    """A run started before a tag existed (conkd.device) gets it when it is continued."""
+    from conkd.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with Tracker(True, uri, "e", tags={"stage": "teacher"}) as first:
+        pass
+    with Tracker(True, uri, "e", tags={"stage": "teacher", "conkd.device": "cpu (2 threads)"},
+                 resume_run_id=first.run_id) as again:  # fmt: skip
+        assert again.resumed and again.run_id == first.run_id
+    tags = mlflow.MlflowClient(uri).get_run(first.run_id).data.tags
+    assert tags["conkd.device"] == "cpu (2 threads)" and tags["stage"] == "teacher"
