@@ -37,7 +37,7 @@ test: $(STAMP) $(UI_STAMP)
 
 ## test-all: including tests marked slow
 test-all: $(STAMP) $(UI_STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check conkd tests train.py eval.py hydra_plugins benchmarks experiments

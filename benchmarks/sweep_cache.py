@@ -8,7 +8,9 @@ the same sampler seed, ``--epochs`` epochs of ``--steps`` steps per trial (batch
     build plus the same trials' optimizer settings run as plain CE students (no teacher at all):
     the cache should cost nothing but its build.
 (b) ``--fast-trials`` trials of the whole fast path (decode-once input, teacher cache, median
-    pruning) vs today's path (JPEG decode every epoch, online teacher, no pruning).
+    pruning, and the speed switches measured fastest on this CPU: bf16 autocast + channels_last,
+    for the cache build and the students; ``--fast-fp32`` leaves them off) vs today's path (JPEG
+    decode every epoch, online teacher, no pruning, fp32).
 
     python benchmarks/sweep_cache.py --data ../shared/data/imagenette --image-size 64
 
@@ -109,6 +111,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--teacher-ckpt", default=None)
     ap.add_argument("--only", choices=("a", "b"), default=None)
+    ap.add_argument(
+        "--fast-fp32", action="store_true", help="(b): no bf16 + channels_last on the fast side"
+    )
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_sweep_cache"))
     return ap.parse_args()
 
@@ -187,6 +192,7 @@ def main() -> int:
             args.fast_trials,
             "hydra/sweeper/pruner=median",
             f"teacher_cache.dir={out / 'cache_b'}",
+            *([] if args.fast_fp32 else ["trainer.precision=bf16", "trainer.channels_last=true"]),
         )
         rows["b_today"] = sweep(
             "b_today",

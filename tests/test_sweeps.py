@@ -313,3 +313,35 @@ def test_workers_that_race_settle_on_one_parent_run(tmp_path: Path) -> None:
     assert client.get_run(second).info.lifecycle_stage == "deleted"
     assert client.get_run(first).info.lifecycle_stage == "active"
     assert [r.info.run_id for r in workers[0]._study_parents(exp, "s")] == [first]
+
+
+def test_workers_that_start_together_draw_different_parameters() -> None:
+    """Two workers with the same sampler seed on one empty study: one seeded sampler per worker
+    draws the same first parameters in both (a wasted evaluation); seeded per trial number, they
+    differ, and one worker alone draws the very same values for the same trial numbers."""
+    from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import TrialSeeded
+
+    space = {
+        "alpha": optuna.distributions.UniformDistribution(0.0, 1.0),
+        "lr": optuna.distributions.LogUniformDistribution(1e-5, 1e-3),
+    }
+
+    def first_asks(samplers: list) -> list[dict]:
+        """Each sampler (a worker) asks one trial of one shared in-memory study, in turn."""
+        s = optuna.create_study(direction="maximize")
+        out = []
+        for sampler in samplers:
+            s.sampler = sampler
+            out.append(s.ask(space).params)
+        return out
+
+    per_worker = first_asks([optuna.samplers.TPESampler(seed=7) for _ in range(2)])
+    assert per_worker[0] == per_worker[1]  # what a per-worker seed does
+
+    def per_trial() -> TrialSeeded:
+        return TrialSeeded(lambda seed: optuna.samplers.TPESampler(seed=seed), 7)
+
+    two_workers = first_asks([per_trial(), per_trial()])
+    assert two_workers[0] != two_workers[1]
+    one_worker = first_asks([per_trial()] * 2)
+    assert one_worker == two_workers

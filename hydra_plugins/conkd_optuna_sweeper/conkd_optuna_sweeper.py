@@ -15,9 +15,9 @@ report intermediate values or be pruned. This subclass changes only what that ne
 * a trial whose worker is gone (its pid is not running on this host, or no heartbeat from
   another host for ``stale_after_s``) is marked FAIL and re-queued with its parameters,
   continuing from its checkpoint (``resume=.../last.pt``) where it wrote one;
-* the sampler's seed is derived from the seed and the number of trials the study already has,
-  so a resumed sweep does not replay the random sequence of its first run (which would evaluate
-  the same parameters again);
+* each trial's sampler is seeded by (seed, trial number) (:class:`TrialSeeded`), so a resumed
+  sweep does not replay the random sequence of its first run, and workers that start together
+  on an empty study do not draw the same parameters (both would, with one shared seed);
 * ``max_failure_rate`` is the share of the requested trials that may fail (over the whole
   study, all workers) before the sweep stops (the released sweeper applies it to each batch,
   so with ``n_jobs: 1`` one failure aborts any sweep).
@@ -32,6 +32,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,10 @@ from hydra_plugins.hydra_optuna_sweeper._impl import (
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import MISSING, OmegaConf
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from conkd.runs import STALE_AFTER_S, process_gone
 from conkd.sweep import (
@@ -116,6 +119,52 @@ def open_storage(url: str, attempts: int = 6) -> PruneAwareStorage:
     raise AssertionError("unreachable")
 
 
+class TrialSeeded(BaseSampler):
+    """A sampler seeded afresh for every trial by (seed, trial number).
+
+    One seeded sampler per worker draws the same sequence in every worker: N workers started
+    together on an empty study evaluate the same first parameters N times, and a resumed sweep
+    replays its first run's draws. Keyed by the trial number, which the storage hands out once,
+    the draws differ between trials and are the same on every re-run of the same trial (one
+    worker's sweep is reproducible). Samplers such as TPE keep no state but their random
+    generator (the history is read from the storage), so a fresh one per trial loses nothing.
+    """
+
+    def __init__(self, make: Callable[[int], BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._trial: int | None = None
+        self._inner = make(seed)
+
+    def _for(self, trial: FrozenTrial) -> BaseSampler:
+        if trial.number != self._trial:  # the first call of each trial comes from its creation
+            state = np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]
+            self._inner, self._trial = self._make(int(state)), trial.number
+        return self._inner
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, dist: BaseDistribution
+    ) -> Any:
+        return self._for(trial).sample_independent(study, trial, name, dist)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
+    ) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
     def __init__(
         self, *args: Any, pruner: Any = None, stale_after_s: float = STALE_AFTER_S, **kwargs: Any
@@ -145,16 +194,14 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
             out.append((*o, *extra))
         return out
 
-    def _reseed(self, n_existing: int) -> None:
-        """A sampler seeded by (seed, trials so far): the same on every re-run at the same
-        point (reproducible), never the first run's sequence again."""
+    def _seed_per_trial(self) -> None:
+        """Give every trial a sampler seeded by (seed, trial number), see :class:`TrialSeeded`."""
         cfg = self.sampler_config
         seed = cfg.get("seed") if cfg is not None else None
-        if seed is None or not n_existing:
+        if seed is None or isinstance(self.sampler, functools.partial):
             return
-        derived = int(np.random.SeedSequence([int(seed), n_existing]).generate_state(1)[0])
-        self.sampler = instantiate(cfg, seed=derived)
-        log.info("sampler seed %d (seed %s, %d earlier trials)", derived, seed, n_existing)
+        self.sampler = TrialSeeded(lambda s: instantiate(cfg, seed=s), int(seed))
+        log.info("sampler seeded per trial number from seed %s", seed)
 
     def _orphan(self, t: Any) -> str | None:
         """Why RUNNING trial ``t`` has no live worker, or None."""
@@ -218,7 +265,7 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
             directions=self._get_directions(), load_if_exists=True,
         )  # fmt: skip
         self._requeue_orphans(study)
-        self._reseed(len(study.trials))
+        self._seed_per_trial()
         study.sampler = self.sampler
         budget = self.max_failure_rate * self.n_trials
         counted, failed = count_trials(study)
