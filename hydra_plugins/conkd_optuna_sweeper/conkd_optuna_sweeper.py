@@ -198,7 +198,7 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
         """Give every trial a sampler seeded by (seed, trial number), see :class:`TrialSeeded`."""
         cfg = self.sampler_config
         seed = cfg.get("seed") if cfg is not None else None
-        if seed is None or isinstance(self.sampler, functools.partial):
+        if seed is None or isinstance(self.sampler, optuna.samplers.GridSampler):
             return
         self.sampler = TrialSeeded(lambda s: instantiate(cfg, seed=s), int(seed))
         log.info("sampler seeded per trial number from seed %s", seed)
