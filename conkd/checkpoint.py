@@ -14,7 +14,10 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,32 @@ log = logging.getLogger("conkd")
 LAST, PREVIOUS = "last.pt", "last.prev.pt"
 
 
+@contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+
+    A KeyboardInterrupt raised inside ``torch.save`` leaves a half-written zip writer behind.
+    Once, in CI, the interpreter then spun at exit for minutes instead of ending the run. While
+    the block runs, SIGINT is only recorded (a signal mask would not do: the signal goes to any
+    thread that leaves it unblocked); the recorded signal is re-delivered to the previous handler
+    when the block ends. Python runs signal handlers in the main thread only, so elsewhere this is
+    a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(*caught[0])
+    elif caught and previous == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)
+
+
 def save_checkpoint(
     path: Path, model: nn.Module, spec: dict[str, Any], keep_previous: bool = False, **extra: Any
 ) -> None:
@@ -40,8 +69,15 @@ def save_checkpoint(
     The bytes go to ``path.tmp``, are fsync'd, and the file is renamed over ``path`` (then the
     folder is fsync'd). With ``keep_previous`` the old ``path`` first becomes ``last.prev.pt``.
     A failed write (e.g. ENOSPC) removes the temporary file and raises a :class:`ConKDError`;
-    the existing checkpoints are untouched.
+    the existing checkpoints are untouched. Ctrl-C during the write takes effect after it.
     """
+    with ctrl_c_deferred():
+        _write_atomically(path, model, spec, keep_previous, extra)
+
+
+def _write_atomically(
+    path: Path, model: nn.Module, spec: dict[str, Any], keep_previous: bool, extra: dict
+) -> None:
     from conkd.decoded import fsync_dir, fsync_file
 
     path.parent.mkdir(parents=True, exist_ok=True)

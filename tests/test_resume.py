@@ -120,6 +120,30 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
+def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """SIGINT that arrives mid-write: the file is completed and renamed, then KeyboardInterrupt."""
+    import signal
+
+    real, done = torch.save, []
+
+    def save(obj, path):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands while the bytes are being written
+        real(obj, path)
+        done.append(path)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", save)
+    path = tmp_path / "last.pt"
+    model = torch.nn.Linear(3, 2)
+    spec = {"_target_": "torch.nn.Linear", "in_features": 3, "out_features": 2}
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.save_checkpoint(path, model, spec, step=7)
+    assert len(done) == 1  # the write was not cut off
+    assert ckpt_io.load_checkpoint(path)["step"] == 7
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_resume_never_and_finished_runs_are_refused(
     compose_cfg, image_folder: Path, tmp_path: Path, reference: Path, monkeypatch
 ) -> None:
