@@ -121,7 +121,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
 
 
 def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, request
 ) -> None:
     """SIGINT that arrives mid-write: the file is completed and renamed, then KeyboardInterrupt."""
     import signal
@@ -134,6 +134,9 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_after_it(
         done.append(path)
 
     monkeypatch.setattr(ckpt_io.torch, "save", save)
+    # Ctrl-C raises KeyboardInterrupt, even where pytest was started with SIGINT ignored (`cmd &`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     path = tmp_path / "last.pt"
     model = torch.nn.Linear(3, 2)
     spec = {"_target_": "torch.nn.Linear", "in_features": 3, "out_features": 2}

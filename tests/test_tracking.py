@@ -350,6 +350,9 @@ def test_ctrl_c_marks_run_killed(image_folder: Path, tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell that starts pytest in the background (`cmd &`) has its children ignore SIGINT,
+        # and Python then installs no KeyboardInterrupt handler: give the run the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     client = None
     deadline = time.monotonic() + 120
