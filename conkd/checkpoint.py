@@ -39,14 +39,16 @@ LAST, PREVIOUS = "last.pt", "last.prev.pt"
 def ctrl_c_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
 
-    A KeyboardInterrupt raised inside ``torch.save`` leaves a half-written zip writer behind.
-    Once, in CI, the interpreter then spun at exit for minutes instead of ending the run. While
-    the block runs, SIGINT is only recorded (a signal mask would not do: the signal goes to any
-    thread that leaves it unblocked); the recorded signal is re-delivered to the previous handler
-    when the block ends. Python runs signal handlers in the main thread only, so elsewhere this is
-    a no-op.
+    A KeyboardInterrupt raised inside ``torch.save`` would cut the write and leave ``.tmp``
+    behind. While the block runs, SIGINT is only recorded (a signal mask would not do: the signal
+    goes to any thread that leaves it unblocked); the recorded signal is re-delivered to the
+    previous handler when the block ends. Python runs signal handlers in the main thread only, so
+    elsewhere (and where the handler was not set from Python) this is a no-op.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is None
+    ):
         yield
         return
     caught: list[tuple[int, Any]] = []
