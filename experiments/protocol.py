@@ -358,6 +358,7 @@ def comparisons(results: Sequence[Result]) -> list[str]:
         ("lsd_supcon_adamw", "lsd", "adding SupCon (AdamW)"),
         ("conkd_lion", "lsd_supcon_adamw", "Lion vs AdamW (LS-KD + SupCon)"),
         ("sweep_best", "conkd_lion", "the sweep's best setting vs the defaults"),
+        ("conkd_lion", "ce", "the mission's method vs CE only"),
     ]
     lines = []
     for a, b, what in pairs:
@@ -365,6 +366,10 @@ def comparisons(results: Sequence[Result]) -> list[str]:
             continue
         (ma, sa), (mb, sb) = mean_spread(by[a].test_top1), mean_spread(by[b].test_top1)
         diff = ma - mb
+        if max(len(by[a].test_top1), len(by[b].test_top1)) < 2:
+            # one seed has no spread: say so rather than call any difference significant
+            lines.append(f"- {what}: {diff:+.2f} points (one seed: no spread to judge it by)")
+            continue
         noise = max(sa, sb)
         verdict = "within the seed spread" if abs(diff) <= noise else "larger than the seed spread"
         lines.append(f"- {what}: {diff:+.2f} points ({verdict}, spread {noise:.2f})")
@@ -424,7 +429,8 @@ def _portable(arg: str) -> str:
 
 def section(s: Settings, results: Sequence[Result], figures: dict[str, Path], rel: Path) -> str:
     """The README section: settings, table, comparisons, sweep, figures."""
-    shared = " ".join(_portable(a) for a in common(s, BY_NAME["kd"], 0) if "=" in a)
+    shared_args = [*common(s, BY_NAME["kd"], 0), *s.extra]  # --set values reach every run
+    shared = " ".join(_portable(a) for a in shared_args if "=" in a)
     lines = [
         f"Protocol `{s.name}`: {s.image_size} px, teacher {s.teacher_epochs} epochs, students "
         f"{s.student_epochs} epochs, seeds {', '.join(map(str, s.seeds))}. Every row is "

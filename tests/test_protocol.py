@@ -3,6 +3,7 @@ protocol at toy scale run twice (the second run finds everything done)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -101,6 +102,7 @@ def command_of(s, row: str) -> list[str]:
 
 def test_table_from_the_store(store, tmp_path: Path) -> None:
     s, _ = store
+    s = dataclasses.replace(s, extra=("dataset.batch_size=256",))  # ``--set``: in every command
     readme = tmp_path / "README.md"
     readme.write_text("# Experiments\n\nintro\n")
     protocol.tabulate(s, readme, tmp_path / "figures")
@@ -123,7 +125,7 @@ def test_table_from_the_store(store, tmp_path: Path) -> None:
     assert (tmp_path / "figures" / "t_val_curves.png").stat().st_size > 0
     # the shared overrides name paths relative to the project, not this machine's folders
     ckpt = os.path.relpath(s.teacher_ckpt().resolve(), ROOT)
-    assert f" teacher_ckpt={ckpt}" in text and "=/" not in text
+    assert f" teacher_ckpt={ckpt} dataset.batch_size=256\n" in text and "=/" not in text
     assert "![validation top-1 per epoch](figures/t_val_curves.png)" in text
 
 
@@ -188,3 +190,20 @@ def test_sweep_count_leaves_out_interrupted_and_orphaned_trials(tmp_path: Path) 
     study._storage.set_trial_state(killed._trial_id, TrialState.FAIL)
     study.ask()  # RUNNING, and nobody runs it
     assert protocol.sweep_state(s)[1] == 3
+
+
+def test_one_seed_differences_are_not_called_significant() -> None:
+    """With one seed on each side there is no spread: the line says so instead of a verdict."""
+
+    def result(row: str, top1: list[float]) -> protocol.Result:
+        return protocol.Result(protocol.BY_NAME[row], list(range(len(top1))), top1, top1, top1,
+                               20, 128, 1.0, "gpu", [top1], "")  # fmt: skip
+
+    lines = protocol.comparisons([result("ce", [81.43]), result("conkd_lion", [82.22])])
+    assert lines == [
+        "- the mission's method vs CE only: +0.79 points (one seed: no spread to judge it by)"
+    ]
+    lines = protocol.comparisons([result("ce", [70.0, 72.0]), result("conkd_lion", [75.0])])
+    assert lines == [
+        "- the mission's method vs CE only: +4.00 points (larger than the seed spread, spread 1.41)"
+    ]
