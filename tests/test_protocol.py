@@ -136,10 +136,16 @@ def test_unknown_row_is_named() -> None:
 
 @pytest.mark.slow
 def test_whole_protocol_at_toy_scale_then_nothing_twice(image_folder: Path, tmp_path: Path) -> None:
-    """Every default row at 32 px / 2 steps, one seed, a 2-trial sweep; run again: all done."""
+    """Every kind of default row at 32 px / 2 steps, one seed, a 2-trial sweep; run again: all
+    done. ``kd_r18t`` and ``lsd_r18t`` are left out to keep CI short: they differ from ``kd`` and
+    ``lsd`` only in the teacher, whose path ``conkd_lion_r18t`` runs and
+    ``test_students_wait_for_the_teacher`` plans."""
+    rows = [
+        r.name for r in protocol.ROWS if not r.optional and r.name not in ("kd_r18t", "lsd_r18t")
+    ]
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [
-        str(ROOT / "experiments" / "protocol.py"), "run", "--name", "toy",
+        str(ROOT / "experiments" / "protocol.py"), "run", "--name", "toy", "--rows", ",".join(rows),
         "--data", str(image_folder), "--out", str(tmp_path / "out"), "--image-size", "32",
         "--teacher-epochs", "1", "--student-epochs", "2", "--seeds", "0", "--trials", "2",
         "--tracking-uri", store, "--readme", str(tmp_path / "README.md"),
@@ -152,19 +158,19 @@ def test_whole_protocol_at_toy_scale_then_nothing_twice(image_folder: Path, tmp_
         args += ["--set", o]
     first = run_cli(*args)
     assert first.returncode == 0, first.stdout + first.stderr
-    # teacher, 5 rows, the ResNet-18 teacher and its 3 students, sweep, best
-    assert first.stdout.count(": running (log ") == 12
+    # teacher, 5 rows, the ResNet-18 teacher and one of its students, sweep, best
+    assert first.stdout.count(": running (log ") == 10
     second = run_cli(*args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert ": running" not in second.stdout
-    assert second.stdout.count(": done (") == 12
+    assert second.stdout.count(": done (") == 10
 
     table = run_cli(*[a if a != "run" else "table" for a in args])
     assert table.returncode == 0, table.stdout + table.stderr
     text = (tmp_path / "README.md").read_text()
     out = tmp_path / "out" / "toy"
     for row in ("teacher", "ce", "kd", "lsd", "lsd_supcon_adamw", "conkd_lion", "teacher_r18",
-                "kd_r18t", "lsd_r18t", "conkd_lion_r18t", "sweep_best"):  # fmt: skip
+                "conkd_lion_r18t", "sweep_best"):  # fmt: skip
         metrics = json.loads((out / row / "seed0" / "metrics.json").read_text())
         title = protocol.BY_NAME[row].title
         assert f"| {title} | {metrics['test/top1']:.2f} | {metrics['test/top5']:.2f} |" in text
