@@ -383,8 +383,10 @@ def sweep_lines(s: Settings) -> list[str]:
     if study is None:
         return []
     states = [t.state.name for t in study.trials]
-    run = sum(len(t.intermediate_values) for t in study.trials if t.state.name != "FAIL")
-    full = sum(t.state.name != "FAIL" for t in study.trials) * s.student_epochs
+    # only ended trials: a running one has not yet been pruned or run to the end
+    ended = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    run = sum(len(t.intermediate_values) for t in ended)
+    full = len(ended) * s.student_epochs
     best = best_params(study)
     lines = [
         f"- trials: {counted} counted of {s.trials} ("

@@ -213,3 +213,26 @@ def test_one_seed_differences_are_not_called_significant() -> None:
     assert lines == [
         "- the mission's method vs CE only: +4.00 points (larger than the seed spread, spread 1.41)"
     ]
+
+
+def test_sweep_savings_count_ended_trials_only(tmp_path: Path) -> None:
+    """Pruning savings compare the epochs ended trials ran with running them all to the end; a
+    trial still running (2 epochs so far) must not read as a pruned one."""
+    import optuna
+    from optuna.distributions import UniformDistribution
+    from optuna.trial import TrialState
+
+    s = protocol.Settings(name="t", out=tmp_path, trials=4, student_epochs=8)
+    s.dir.mkdir(parents=True)
+    study = optuna.create_study(study_name=s.study, storage=s.storage, direction="maximize")
+    dist = {"loss.alpha": UniformDistribution(0.0, 1.0)}
+    for state, epochs, value in ((TrialState.COMPLETE, 8, 70.0), (TrialState.PRUNED, 2, None)):
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=value, params={"loss.alpha": 0.5}, distributions=dist,
+            intermediate_values={e: 50.0 for e in range(epochs)}))  # fmt: skip
+    running = study.ask()
+    for e in range(2):
+        running.report(40.0, e)
+    lines = protocol.sweep_lines(s)
+    assert lines[1] == "- epochs run: 10 of 16 (38% saved by pruning)"
+    assert lines[2] == "- best val top-1 70.00 (trial 0): `loss.alpha=0.5`"
