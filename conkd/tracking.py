@@ -443,7 +443,11 @@ class Tracker:
         """Make this run the fluent API's active run (for ``mlflow.pytorch.log_model``)."""
         import mlflow
 
-        previous = mlflow.get_tracking_uri()
+        # Not mlflow.get_tracking_uri(): with nothing set it returns MLflow's default
+        # (sqlite:///mlflow.db in the working directory), and setting that back would export it
+        # as MLFLOW_TRACKING_URI, sending every later run in this process (a sweep's next
+        # trials) to that store. set_tracking_uri mirrors into the variable, and None unsets it.
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.tracking_uri)
         try:
             with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -430,3 +431,26 @@ def test_a_continued_run_gets_tags_it_lacks(tmp_path: Path) -> None:
         assert again.resumed and again.run_id == first.run_id
     tags = mlflow.MlflowClient(uri).get_run(first.run_id).data.tags
     assert tags["conkd.device"] == "cpu (2 threads)" and tags["stage"] == "teacher"
+
+
+def test_activating_a_run_leaves_the_next_runs_store_alone(tmp_path: Path, monkeypatch) -> None:
+    """``Tracker.active`` (used to log models) must restore "no tracking URI set": a sweep's next
+    trial in the same process then resolves the project store again, not MLflow's default
+    ``sqlite:///mlflow.db`` in the working directory (which trials 1.. of a sweep used to get)."""
+    from conkd.tracking import Tracker, default_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(None)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    with Tracker(True, uri, "e") as tracker, tracker.active():
+        assert mlflow.get_tracking_uri() == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert resolve_store(tmp_path / "project", None) == default_store(tmp_path / "project")
+    # an explicitly set URI is put back as it was
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    with Tracker(True, uri, "e") as tracker, tracker.active():
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/mlflow.db"
+    mlflow.set_tracking_uri(None)
