@@ -433,7 +433,9 @@ def test_a_continued_run_gets_tags_it_lacks(tmp_path: Path) -> None:
     assert tags["conkd.device"] == "cpu (2 threads)" and tags["stage"] == "teacher"
 
 
-def test_activating_a_run_leaves_the_next_runs_store_alone(tmp_path: Path, monkeypatch) -> None:
+def test_activating_a_run_leaves_the_next_runs_store_alone(
+    tmp_path: Path, monkeypatch, request
+) -> None:
     """``Tracker.active`` (used to log models) must restore "no tracking URI set": a sweep's next
     trial in the same process then resolves the project store again, not MLflow's default
     ``sqlite:///mlflow.db`` in the working directory (which trials 1.. of a sweep used to get)."""
@@ -442,6 +444,7 @@ def test_activating_a_run_leaves_the_next_runs_store_alone(tmp_path: Path, monke
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(None)
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(None))  # also when an assert fails
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
     with Tracker(True, uri, "e") as tracker, tracker.active():
@@ -453,4 +456,3 @@ def test_activating_a_run_leaves_the_next_runs_store_alone(tmp_path: Path, monke
     with Tracker(True, uri, "e") as tracker, tracker.active():
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/mlflow.db"
-    mlflow.set_tracking_uri(None)
