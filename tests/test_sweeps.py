@@ -345,3 +345,26 @@ def test_workers_that_start_together_draw_different_parameters() -> None:
     assert two_workers[0] != two_workers[1]
     one_worker = first_asks([per_trial()] * 2)
     assert one_worker == two_workers
+
+
+def test_a_trial_killed_before_it_is_configured_is_recognised_as_an_orphan(
+    tmp_path: Path,
+) -> None:
+    """A worker killed right after ``ask`` (before the sweeper configures the trial) left a
+    RUNNING trial with no host or pid: resumed workers counted it as live and the sweep ended
+    one trial short. The storage now marks a trial with its creator as it is created."""
+    import socket
+
+    from conkd.sweep import HOST_ATTR, PID_ATTR
+    from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    attrs = storage.get_trial_system_attrs(trial._trial_id)
+    assert attrs[HOST_ATTR] == socket.gethostname()
+    assert attrs[PID_ATTR] == os.getpid()
+    # an enqueued trial is marked by the worker that runs it, not by the one that queued it
+    study.enqueue_trial({"x": 1.0})
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))[0]
+    assert PID_ATTR not in storage.get_trial_system_attrs(waiting._trial_id)

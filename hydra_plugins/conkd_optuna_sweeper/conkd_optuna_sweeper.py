@@ -97,6 +97,22 @@ class PruneAwareStorage(RDBStorage):
             return TrialState.PRUNED
         return state
 
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        """A new trial, marked with this worker's host and pid as it is created: a worker killed
+        between ``ask`` and configuring the trial would otherwise leave a RUNNING trial no
+        resumed worker recognises as an orphan (the sweep then ends one trial short). Enqueued
+        (WAITING) trials are left unmarked: the worker that runs them marks them."""
+        # Optuna's cached storage creates trials through this method, plain callers through
+        # create_new_trial, which calls it
+        trial = super()._create_new_trial(study_id, template_trial)
+        if template_trial is None:
+            for key, value in ((HOST_ATTR, socket.gethostname()), (PID_ATTR, os.getpid())):
+                self.set_trial_system_attr(trial._trial_id, key, value)
+                trial.system_attrs[key] = value  # the cache keeps this copy
+        return trial
+
     def set_trial_state(self, trial_id: int, state: TrialState) -> bool:
         return super().set_trial_state(trial_id, self._pruned(trial_id, state))
 
