@@ -10,10 +10,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from conkd.targets import config_targets
+
 os.environ.setdefault("CONKD_ROOT", str(Path(__file__).resolve().parent))
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+# The whitelist: the only _target_ packages this config may build (conkd/targets.py).
+@hydra.main(config_path="conf", config_name="eval", execution_whitelist=config_targets())
 def main(cfg: DictConfig) -> dict:
     from conkd.cli import run_app
     from conkd.evaluate import evaluate_checkpoint

@@ -12,11 +12,13 @@ import hydra
 from omegaconf import DictConfig
 
 import conkd  # noqa: F401  registers the config schema (conkd/schema.py) before Hydra composes
+from conkd.targets import config_targets
 
 os.environ.setdefault("CONKD_ROOT", str(Path(__file__).resolve().parent))
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+# The whitelist: the only _target_ packages this config may build (conkd/targets.py).
+@hydra.main(config_path="conf", config_name="train", execution_whitelist=config_targets())
 def main(cfg: DictConfig) -> float:
     from conkd.cli import run_app
     from conkd.run import run

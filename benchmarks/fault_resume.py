@@ -232,7 +232,7 @@ def kill_sweep_in_trial(args: list[str], storage: str, rng: random.Random) -> in
     proc = start(args)
     while proc.poll() is None:
         for t in _trials(storage):
-            ckpt = t.system_attrs.get("conkd:checkpoint")
+            ckpt = t.user_attrs.get("conkd:checkpoint")
             new = t.number not in {b.number for b in before}
             if new and t.state.name == "RUNNING" and ckpt and Path(ckpt).exists():
                 time.sleep(rng.uniform(0.0, 0.3))

@@ -120,7 +120,9 @@ class MLflowSweepCallback(Callback):
             "sweeper": str(sweeper.get("_target_", "")),
         }
         if study:
-            tags.update({"sweep.study": study, "sweep.storage": str(storage)})
+            from conkd.sweep import describe_storage
+
+            tags.update({"sweep.study": study, "sweep.storage": describe_storage(storage)})
         run = with_retry(
             self.client.create_run, exp_id, run_name=f"sweep {study or sweep_dir.name}", tags=tags
         )

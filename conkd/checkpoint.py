@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from torch import nn
 
 from conkd.errors import ConKDError
+from conkd.targets import CHECKPOINT_TARGETS, build
 
 log = logging.getLogger("conkd")
 
@@ -160,33 +159,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-#: The only constructors a checkpoint may name: ``weights_only=True`` keeps pickles out, and
-#: this keeps a crafted ``_target_`` (e.g. ``os.system``) from being called on load.
-ALLOWED_TARGETS = ("conkd.models.",)
-
-
-def _check_targets(node: Any, where: str) -> None:
-    if isinstance(node, Mapping):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(ALLOWED_TARGETS):
-            raise ConKDError(
-                f"{where} names the constructor {target!r}; checkpoints may only build "
-                f"{', '.join(t + '*' for t in ALLOWED_TARGETS)}"
-            )
-        for value in node.values():
-            _check_targets(value, where)
-    elif isinstance(node, list | tuple):
-        for value in node:
-            _check_targets(value, where)
-
-
 def instantiate_model(spec: Mapping[str, Any], what: str = "model") -> nn.Module:
-    """Build the network a checkpoint's spec describes (project model classes only)."""
-    _check_targets(spec, f"{what} spec")
-    try:
-        return instantiate(dict(spec), _convert_="all")
-    except InstantiationException as err:
-        raise ConKDError(f"invalid {what} spec: {err.__cause__ or err}") from err
+    """Build the network a checkpoint's spec describes (only :data:`CHECKPOINT_TARGETS`)."""
+    return build(dict(spec), f"{what} spec", targets=CHECKPOINT_TARGETS)
 
 
 def build_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from conkd.errors import ConKDError, message
+
+
+def exit_with(err: ConKDError) -> NoReturn:
+    """Print ``error: <message>`` and exit 1; with ``HYDRA_FULL_ERROR=1``, raise (traceback)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"error: {message(err)}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run_app(fn: Callable[[DictConfig, Any], Any], cfg: DictConfig) -> Any:
@@ -36,10 +44,9 @@ def run_app(fn: Callable[[DictConfig, Any], Any], cfg: DictConfig) -> Any:
     try:
         return fn(cfg, hydra_cfg)
     except ConKDError as err:
-        if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if multirun:
             raise
-        print(f"error: {message(err)}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(err)
     except KeyboardInterrupt:
         if multirun:
             raise

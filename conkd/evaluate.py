@@ -14,7 +14,8 @@ from conkd import checkpoint as ckpt_io
 from conkd import plots
 from conkd.engine import evaluate
 from conkd.errors import ConKDError
-from conkd.run import build, resolve_device
+from conkd.run import resolve_device
+from conkd.targets import build
 
 log = logging.getLogger("conkd")
 
@@ -51,7 +52,7 @@ def evaluate_checkpoint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = N
     model_cfg = ckpt["model"].get("network", ckpt["model"])
     dataset = dataset_config(cfg, ckpt)
     size = cfg.image_size or model_cfg.get("image_size") or dataset.get("image_size")
-    data = build(dataset, "dataset", seed=cfg.seed, image_size=size)
+    data = build(dataset, "dataset config", seed=cfg.seed, image_size=size)
     if model_cfg.get("num_classes") != data.num_classes:
         raise ConKDError(
             f"checkpoint {cfg.ckpt_path} predicts {model_cfg.get('num_classes')} classes but "

@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -46,6 +44,7 @@ from conkd.errors import ConKDError
 from conkd.losses import Objective
 from conkd.models import Probe, model_summary
 from conkd.sweep import TrialReporter, reporter_from_hydra
+from conkd.targets import build
 from conkd.teacher import (
     AUTO,
     TeacherSource,
@@ -67,15 +66,6 @@ from conkd.tracking import (
 log = logging.getLogger("conkd")
 
 STAGES = ("teacher", "student", "probe")
-
-
-def build(node: Any, what: str, **kwargs: Any) -> Any:
-    """``instantiate`` with errors from constructors turned into one readable line."""
-    try:
-        return instantiate(node, _convert_="all", **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        raise ConKDError(f"invalid {what} config: {cause}") from err
 
 
 def seed_everything(seed: int) -> None:
@@ -139,7 +129,7 @@ def build_model(cfg: DictConfig, data: DataModule) -> tuple[nn.Module, dict[str,
     """The network this run trains, and its spec for the checkpoint."""
     if cfg.stage != "probe":
         spec = model_spec(cfg.model, data.num_classes, data.image_size)
-        return build(spec, "model"), spec
+        return build(spec, "model config"), spec
     if not cfg.probe.checkpoint:
         raise ConKDError(
             "stage=probe needs probe.checkpoint=PATH (a student or teacher checkpoint)"
@@ -149,7 +139,7 @@ def build_model(cfg: DictConfig, data: DataModule) -> tuple[nn.Module, dict[str,
     head = OmegaConf.to_container(cfg.probe.head, resolve=True)
     head.update(embedding_dim=network.embedding_dim, num_classes=data.num_classes)
     spec = {"_target_": "conkd.models.Probe", "network": backbone["model"], "head": head}
-    return Probe(network, build(head, "probe.head")), spec
+    return Probe(network, build(head, "probe.head config")), spec
 
 
 def git_state(root: Path) -> dict[str, str]:
@@ -336,7 +326,7 @@ def use_cache(enabled: Any, size_gb: float, max_gb: float) -> bool:
 
 
 def build_objective(cfg: DictConfig) -> Objective:
-    objective = Objective(build(cfg.loss.terms, "loss"))
+    objective = Objective(build(cfg.loss.terms, "loss config"))
     if objective.needs_teacher and cfg.stage != "student":
         raise ConKDError(f"loss={cfg.loss.name} distils from a teacher; use it in stage=student")
     if objective.needs_teacher and not cfg.teacher_ckpt:
@@ -353,12 +343,12 @@ def build_optimization(
 ) -> tuple[torch.optim.Optimizer, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     try:
-        optimizer = build(cfg.optimizer, "optimizer")(params)
+        optimizer = build(cfg.optimizer, "optimizer config")(params)
     except (ValueError, AssertionError) as err:
         raise ConKDError(f"invalid optimizer config: {err or 'assertion failed'}") from err
     scheduler = None
     if cfg.scheduler is not None:
-        scheduler = build(cfg.scheduler, "scheduler")(
+        scheduler = build(cfg.scheduler, "scheduler config")(
             optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs
         )
     return optimizer, scheduler
@@ -426,7 +416,7 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
         prepare_store(tracking_uri)
 
     objective = build_objective(cfg)
-    data: DataModule = build(cfg.dataset, "dataset", seed=cfg.seed)
+    data: DataModule = build(cfg.dataset, "dataset config", seed=cfg.seed)
     data.device = device  # decode-once batches are augmented where the model trains
     data.prepare()
     model, spec = build_model(cfg, data)
@@ -648,7 +638,9 @@ def publish_model(cfg: DictConfig, parts: Parts) -> None:
         log.warning("MLflow is away: the model is not logged or registered (best.pt is in %s)",
                     parts.ckpt_dir)  # fmt: skip
     elif cfg.mlflow.log_model or register:
-        version = log_model(parts.tracker, distributed.unwrap(parts.job.model).cpu(), name, alias)
+        size = int(cfg.dataset.image_size)
+        model = distributed.unwrap(parts.job.model).cpu()
+        version = log_model(parts.tracker, model, (3, size, size), name, alias)
         if version:
             log.info("registered models:/%s@%s (version %s)", name, alias, version)
 

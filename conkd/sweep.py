@@ -24,14 +24,95 @@ from conkd.tracking import safe_key, with_retry
 
 log = logging.getLogger("conkd")
 
-#: Optuna system attribute the job sets when its pruner stopped it (see the sweeper plugin).
+#: Optuna user attributes ConKD keeps on a trial (public API; optuna-dashboard shows them):
+#: the job's pruner stopped it; its resumable checkpoint (``last.pt``); the worker (host, pid)
+#: that runs it and the job's per-epoch heartbeat; a trial whose worker died (FAIL, re-queued);
+#: on the re-queued trial, the checkpoint it continues from.
 PRUNED_ATTR = "conkd:pruned"
-#: Optuna system attribute: the trial's resumable checkpoint (``last.pt``), set at its start.
 CHECKPOINT_ATTR = "conkd:checkpoint"
-#: Optuna system attributes: the worker (host, pid) that runs a trial, and the job's heartbeat.
 HOST_ATTR, PID_ATTR, HEARTBEAT_ATTR = "conkd:host", "conkd:pid", "conkd:heartbeat"
+INTERRUPTED_ATTR = "conkd:interrupted"
+RESUME_ATTR = "conkd:resume"
 #: Override the sweeper adds to each job to hand it its trial number.
 TRIAL_KEY = "optuna.trial"
+
+
+def open_storage(spec: Any, attempts: int = 6) -> Any:
+    """The Optuna storage ``hydra.sweeper.storage`` names, as a public storage object.
+
+    ``spec`` is an RDB URL (``sqlite:///ABS/PATH``, ``postgresql+psycopg2://...``) or a config
+    node with a ``_target_`` (``hydra/sweeper/storage=journal``: a
+    ``JournalStorage(JournalFileBackend(path))``, one file shared over a network file system).
+    A database an older Optuna wrote is refused with the one command that upgrades it. Workers
+    started together race to create Optuna's tables (one gets "duplicate key" or "already
+    exists"): the losers retry, and then find them made.
+    """
+    if not isinstance(spec, str):
+        from conkd.targets import build
+
+        return build(spec, "hydra.sweeper.storage config")
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except RuntimeError as err:
+            if "optuna storage upgrade" not in str(err):
+                raise
+            from conkd.errors import ConKDError
+
+            found = str(err).split("(set up by ")[-1].split(")")[0]
+            raise ConKDError(
+                f"the Optuna storage {spec} was written by an older Optuna ({found}); upgrade it "
+                f"once (then only Optuna >= 3 reads it) with: optuna storage upgrade --storage "
+                f"{spec}"
+            ) from err
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def describe_storage(spec: Any) -> str:
+    """A one-line name for a storage spec (tags, logs): the URL, or ``journal:<file>``."""
+    if isinstance(spec, str):
+        return spec
+    path = (spec.get("log_storage") or {}).get("file_path") if hasattr(spec, "get") else None
+    return f"journal:{path}" if path else str(spec.get("_target_", spec))
+
+
+class StudyTrials:
+    """A study's trials by number, read and marked through the public storage API.
+
+    Optuna's ``Trial`` objects cache what they read; marks written by another process (a
+    job's pruned mark, its heartbeat) are read here from the storage itself.
+    """
+
+    def __init__(self, storage: Any, study_name: str) -> None:
+        self.storage = storage
+        self.study_id = storage.get_study_id_from_name(study_name)
+
+    def trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def get(self, number: int) -> Any:
+        """The trial as the storage holds it now (a ``FrozenTrial``)."""
+        return self.storage.get_trial(self.trial_id(number))
+
+    def mark(self, number: int, key: str, value: Any) -> None:
+        self.storage.set_trial_user_attr(self.trial_id(number), key, value)
+
+    def fail(self, number: int) -> bool:
+        """FAIL a running trial; False when another worker finished it first."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        try:
+            return self.storage.set_trial_state_values(self.trial_id(number), TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            return False
 
 
 class TrialReporter:
@@ -40,7 +121,7 @@ class TrialReporter:
     def __init__(
         self,
         study_name: str,
-        storage: str,
+        storage: Any,
         trial_number: int,
         pruner: Any,
         monitor: str = "val/top1",
@@ -48,14 +129,16 @@ class TrialReporter:
         import optuna
 
         self.monitor = monitor
-
-        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
-        self._storage = self.study._storage
-        trial_id = self._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, trial_number
-        )
-        self.trial = optuna.trial.Trial(self.study, trial_id)
+        self.storage = open_storage(storage)
+        self.trials = StudyTrials(self.storage, study_name)
+        self.number = trial_number
+        study = optuna.load_study(study_name=study_name, storage=self.storage, pruner=pruner)
+        self.trial = optuna.Trial(study, self.trials.trial_id(trial_number))
         self.pruned = False
+
+    def _prune(self) -> None:
+        self.pruned = True
+        self.trial.set_user_attr(PRUNED_ATTR, True)
 
     def report(self, value: float, epoch: int) -> bool:
         """Record ``value`` at ``epoch``; True when the pruner says to stop this trial."""
@@ -63,31 +146,29 @@ class TrialReporter:
             return False
         self.trial.report(value, epoch)
         if self.trial.should_prune():
-            self.pruned = True
-            self._storage.set_trial_system_attr(self.trial._trial_id, PRUNED_ATTR, True)
+            self._prune()
         return self.pruned
 
     def on_epoch_end(self, state: Any, metrics: Any, is_best: bool) -> bool:
         """Training callback: report the monitored metric (and a heartbeat, so workers elsewhere
         know the trial is alive); True stops a pruned trial."""
-        self._storage.set_trial_system_attr(self.trial._trial_id, HEARTBEAT_ATTR, time.time())
+        self.trial.set_user_attr(HEARTBEAT_ATTR, time.time())
         return self.report(metrics[self.monitor], state.epoch - 1)
 
     def record_checkpoint(self, path: Path) -> None:
         """Tell the sweeper where this trial's resumable checkpoint will be: an interrupted
         trial is re-queued with its parameters and continues from there."""
-        self._storage.set_trial_system_attr(self.trial._trial_id, CHECKPOINT_ATTR, str(path))
+        self.trial.set_user_attr(CHECKPOINT_ATTR, str(path))
 
     def on_resume(self, state: Any) -> None:
         """A trial continuing an interrupted one reports the epochs it inherited, so the pruner
         sees the whole curve; a trial the pruner had stopped stays stopped."""
-        reported = self._storage.get_trial(self.trial._trial_id).intermediate_values
+        reported = self.trials.get(self.number).intermediate_values
         for epoch, metrics in enumerate(state.history):
             if epoch not in reported and math.isfinite(metrics[self.monitor]):
                 self.trial.report(metrics[self.monitor], epoch)
         if state.history and self.trial.should_prune():
-            self.pruned = True
-            self._storage.set_trial_system_attr(self.trial._trial_id, PRUNED_ATTR, True)
+            self._prune()
             state.stopped_early = True
 
 
@@ -99,7 +180,7 @@ def reporter_from_hydra(cfg: DictConfig, hydra_sweeper: Any) -> TrialReporter | 
     storage, study = hydra_sweeper.get("storage"), hydra_sweeper.get("study_name")
     if not storage or not study:
         return None
-    from hydra.utils import instantiate
+    from conkd.targets import build
 
     direction = str(hydra_sweeper.get("direction", "")).lower()
     wanted = "maximize" if cfg.objective_mode == "max" else "minimize"
@@ -111,7 +192,7 @@ def reporter_from_hydra(cfg: DictConfig, hydra_sweeper: Any) -> TrialReporter | 
             f"set hydra.sweeper.direction={wanted}"
         )
     pruner_cfg = hydra_sweeper.get("pruner")
-    pruner = instantiate(pruner_cfg) if pruner_cfg else None
+    pruner = build(pruner_cfg, "hydra.sweeper.pruner config") if pruner_cfg else None
     if pruner is None:
         import optuna
 
@@ -171,7 +252,7 @@ def _study_from_rows(rows: list[dict[str, Any]], keys: list[str], direction: str
     """An in-memory Optuna study of finished child runs, so the basic sweeper's grids get the
     same plots as Optuna sweeps."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, UniformDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     done = [r for r in rows if r["value"] is not None and r["status"] == "FINISHED"]
     dists: dict[str, Any] = {}
@@ -180,7 +261,7 @@ def _study_from_rows(rows: list[dict[str, Any]], keys: list[str], direction: str
         nums = [_number(v) for v in values if v is not None]
         if nums and len(nums) == len(values) and None not in nums:
             lo, hi = min(nums), max(nums)
-            dists[k] = UniformDistribution(lo, hi if hi > lo else lo + 1e-12)
+            dists[k] = FloatDistribution(lo, hi if hi > lo else lo + 1e-12)
         else:
             dists[k] = CategoricalDistribution(sorted({str(v) for v in values}))
     study = optuna.create_study(direction=direction)
@@ -188,7 +269,7 @@ def _study_from_rows(rows: list[dict[str, Any]], keys: list[str], direction: str
         params = {}
         for k, d in dists.items():
             v = r["params"].get(k)
-            params[k] = float(v) if isinstance(d, UniformDistribution) else str(v)
+            params[k] = float(v) if isinstance(d, FloatDistribution) else str(v)
         study.add_trial(
             optuna.trial.create_trial(params=params, distributions=dists, value=r["value"])
         )
@@ -215,10 +296,10 @@ def _save_plots(study: Any, out_dir: Path) -> list[Path]:
         "sweep_parallel_coordinates.png": lambda p: plots.parallel_coordinates(
             [t.params for t in done], [t.value for t in done], p, higher_is_better=sign > 0
         ),
-        # Mean decrease in impurity: optuna 2.10's default fANOVA fails on current NumPy.
+        # Optuna's default evaluator (fANOVA), seeded so the figure is reproducible.
         "sweep_param_importances.png": lambda p: plots.importances(
             optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
             ),
             p,
         ),
@@ -340,7 +421,9 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
     if sweeper.get("storage") and sweeper.get("study_name"):
         import optuna
 
-        study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
+        study = optuna.load_study(
+            study_name=sweeper.study_name, storage=open_storage(sweeper.storage)
+        )
         states = [t.state.name for t in study.trials]
         summary["optuna_states"] = {s: states.count(s) for s in sorted(set(states))}
     else:

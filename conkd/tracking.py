@@ -459,16 +459,44 @@ class Tracker:
 # --- models: logging, registry, teachers by URI ------------------------------------------------
 
 
+def export_signature(model: Any, example: Any) -> Any:
+    """The MLflow signature of a network for the ``pt2`` format: one float image batch in (the
+    batch dimension free), its named outputs (``logits``, ``embedding``, ``projection``; a
+    ``None`` output is left out) out. MLflow infers signatures only for one output tensor."""
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    with torch.no_grad():
+        out = model(example)
+    f32 = np.dtype(np.float32)
+    outputs = [
+        TensorSpec(f32, (-1, *v.shape[1:]), name) for name, v in out.items() if v is not None
+    ]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, *example.shape[1:]))]), outputs=Schema(outputs)
+    )
+
+
 def log_model(
-    tracker: Tracker, model: Any, register_name: str | None = None, alias: str | None = None
+    tracker: Tracker,
+    model: Any,
+    input_shape: tuple[int, int, int],
+    register_name: str | None = None,
+    alias: str | None = None,
 ) -> str | None:
-    """Log ``model`` with ``mlflow.pytorch`` (pickle format: the network returns a dict, which
-    the default ``pt2`` export cannot trace) and, for teachers, register it under
-    ``register_name`` with ``alias``. Returns the registered version, if any."""
+    """Log ``model`` with ``mlflow.pytorch`` and, for teachers, register it under
+    ``register_name`` with ``alias``. Returns the registered version, if any.
+
+    The network is exported with ``torch.export`` (MLflow's ``pt2`` format: a graph and its
+    weights, no pickle, so loading it runs no code), in eval mode, traced on a batch of two
+    ``input_shape`` images with the batch size left free. A network that does not export is
+    logged in the pickle format instead, with a warning naming why (tag ``model_format``).
+    ``mlflow.pytorch.load_model`` gives back the network's dict of outputs either way.
+    """
     if not tracker.enabled:
         return None
-    from pathlib import Path as _Path
-
     import mlflow
     import torch
     import torchvision
@@ -479,17 +507,40 @@ def log_model(
         f"torch=={torch.__version__.split('+')[0]}",
         f"torchvision=={torchvision.__version__.split('+')[0]}",
     ]
-    with tracker.active():
-        info = with_retry(
-            mlflow.pytorch.log_model,
-            model,
-            name="model",
-            serialization_format="pickle",
-            code_paths=[str(_Path(conkd.__file__).parent)],
-            pip_requirements=requirements,
-            registered_model_name=register_name,
-        )
-    tracker.set_tags({"model_uri": info.model_uri})  # MLflow 3 keeps models outside runs:/
+    common = {
+        "name": "model",
+        "code_paths": [str(Path(conkd.__file__).parent)],
+        "pip_requirements": requirements,
+        "registered_model_name": register_name,
+    }
+    was_training = model.training
+    model.eval()
+    example = torch.zeros(2, *input_shape)
+    try:
+        with tracker.active():
+            try:
+                info = with_retry(
+                    mlflow.pytorch.log_model,
+                    model,
+                    serialization_format="pt2",
+                    input_example=example.numpy(),
+                    signature=export_signature(model, example),
+                    # the pyfunc server's check wants one output tensor; the network has a dict
+                    validate_serving_input=False,
+                    **common,
+                )
+                fmt = "pt2"
+            except Exception as err:  # torch.export could not trace this network
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                log.warning("MLflow: the network did not export (%s); logged as pickle", first)
+                info = with_retry(
+                    mlflow.pytorch.log_model, model, serialization_format="pickle", **common
+                )
+                fmt = "pickle"
+    finally:
+        model.train(was_training)
+    # MLflow 3 keeps models outside runs:/
+    tracker.set_tags({"model_uri": info.model_uri, "model_format": fmt})
     version = getattr(info, "registered_model_version", None)
     if register_name and version is not None and alias:
         with_retry(tracker.client.set_registered_model_alias, register_name, alias, str(version))

@@ -199,13 +199,14 @@ def sweep_state(s: Settings) -> tuple[Any, int]:
     ``trials``: finished, pruned or failed (an interrupted one is re-run by the sweeper)."""
     import optuna
 
+    from conkd.sweep import open_storage
     from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import count_trials
 
     if not (s.dir / "optuna.db").is_file():
         return None, 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=s.study, storage=s.storage)
+        study = optuna.load_study(study_name=s.study, storage=open_storage(s.storage))
     except KeyError:
         return None, 0
     # RUNNING trials are not counted: nothing else runs this protocol's sweep, so they are orphans

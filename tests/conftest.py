@@ -20,6 +20,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette"
 os.environ.setdefault("CONKD_ROOT", str(ROOT))
+# Hydra's deprecations (an instantiate without execution whitelist, version_base, ...) are
+# errors in every test and in every command a test starts: the suite fails if our code or
+# configs rely on anything Hydra 1.5 removes.
+os.environ["HYDRA_DEPRECATION_WARNINGS_AS_ERRORS"] = "1"
 
 CLASS_COLORS = [(220, 40, 40), (40, 200, 60), (50, 70, 230)]
 
@@ -74,7 +78,7 @@ def compose_cfg() -> Callable[..., DictConfig]:
         overrides: list[str], config_name: str = "train", keep_hydra: bool = False
     ) -> DictConfig:
         GlobalHydra.instance().clear()
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(str(ROOT / "conf")):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         if not keep_hydra:
@@ -103,7 +107,7 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess
 def compose_train(overrides: list[str]) -> DictConfig:
     """Compose conf/train.yaml outside a fixture (for session-scoped fixtures)."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "conf")):
         cfg = compose("train", overrides=overrides)
     GlobalHydra.instance().clear()
     return cfg

@@ -1,5 +1,6 @@
-"""Real servers for the scale-out tests: PostgreSQL on 127.0.0.1 (binaries from the ``pgserver``
-wheel) and an ``mlflow server`` backed by it (from the UI environment, ``.venv-ui``)."""
+"""Real servers for the tests: PostgreSQL on 127.0.0.1 (binaries from the ``pgserver`` wheel), an
+``mlflow server`` and ``optuna-dashboard``, both from the project's one environment (``.venv``,
+the one running the tests)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MLFLOW = ROOT / ".venv-ui" / "bin" / "mlflow"
+BIN = Path(sys.executable).parent
+MLFLOW, DASHBOARD = BIN / "mlflow", BIN / "optuna-dashboard"
 
 
 def free_port() -> int:
@@ -50,29 +53,22 @@ def postgres(base: Path, databases: tuple[str, ...] = ("optuna", "mlflow")) -> I
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]:
-    """``mlflow server`` on a free port with ``backend_uri`` as its store; yields its URL."""
-    port = free_port()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        str(MLFLOW), "server", "--backend-store-uri", backend_uri,
-        "--default-artifact-root", artifacts.as_uri(), "--host", "127.0.0.1",
-        "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+def serving(cmd: list[str], url: str, ready: str, log: Path, what: str) -> Iterator[str]:
+    """Run ``cmd`` (a server) in its own session until ``url + ready`` answers 200; yields
+    ``url``, stops the server at the end."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{url}{ready}", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{what} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
@@ -82,3 +78,26 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]:
+    """``mlflow server`` on a free port with ``backend_uri`` as its store; yields its URL."""
+    port = free_port()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(MLFLOW), "server", "--backend-store-uri", backend_uri,
+        "--default-artifact-root", artifacts.as_uri(), "--host", "127.0.0.1",
+        "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with serving(cmd, f"http://127.0.0.1:{port}", "/health", log, "mlflow server") as url:
+        yield url
+
+
+@contextmanager
+def optuna_dashboard(storage: str, log: Path) -> Iterator[str]:
+    """``optuna-dashboard`` on a free port of 127.0.0.1 (as ``make dashboard`` starts it)."""
+    port = free_port()
+    cmd = [str(DASHBOARD), storage, "--host", "127.0.0.1", "--port", str(port)]
+    with serving(cmd, f"http://127.0.0.1:{port}", "/api/studies", log, "optuna-dashboard") as url:
+        yield url

@@ -137,11 +137,16 @@ def test_nan_input_is_named(compose_cfg, tiny, monkeypatch) -> None:
 
 def test_checkpoint_cannot_name_an_arbitrary_callable() -> None:
     spec = {"_target_": "os.system", "command": "echo pwned"}
-    with pytest.raises(ConKDError, match="may only build conkd.models"):
+    with pytest.raises(ConKDError, match="invalid model spec: Target 'os.system' cannot be"):
         instantiate_model(spec)
     nested = {"_target_": "conkd.models.Network", "arch": {"_target_": "builtins.eval"}}
-    with pytest.raises(ConKDError, match="'builtins.eval'"):
+    with pytest.raises(ConKDError, match="'builtins.eval' cannot be authorized.* full_key: arch"):
         instantiate_model(nested)
+    # a harmless class that is not a network is refused too: the list is conkd.models.*
+    with pytest.raises(ConKDError, match="'collections.OrderedDict' is not in the Hydra execution"):
+        instantiate_model({"_target_": "collections.OrderedDict"})
+    head = {"_target_": "conkd.models.linear_head", "embedding_dim": 3, "num_classes": 2}
+    assert isinstance(instantiate_model(head), torch.nn.Linear)
 
 
 def test_grad_clip_bounds_the_gradient_norm(compose_cfg, tiny, tmp_path: Path) -> None:

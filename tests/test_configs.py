@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from conkd.data import DataModule
 from conkd.losses import Objective
 from conkd.models import Network
 from conkd.run import model_spec, run_name
+from conkd.targets import build
 from tests.conftest import ROOT
 from tests.test_data import write_fake_imagenette
 
@@ -29,7 +29,7 @@ def test_groups_are_discovered() -> None:
 @pytest.mark.parametrize("name", options("loss"))
 def test_loss_options(compose_cfg, name: str) -> None:
     cfg = compose_cfg([f"loss={name}"])
-    objective = Objective(instantiate(cfg.loss.terms, _convert_="all"))
+    objective = Objective(build(cfg.loss.terms, "loss config"))
     assert cfg.loss.name == name
     b = 6
     student = {
@@ -46,12 +46,12 @@ def test_loss_options(compose_cfg, name: str) -> None:
 def test_optimizer_and_scheduler_options(compose_cfg, name: str, sched: str) -> None:
     cfg = compose_cfg([f"optimizer={name}", f"scheduler={sched}"])
     params = [torch.nn.Parameter(torch.randn(3))]
-    opt = instantiate(cfg.optimizer)(params)
+    opt = build(cfg.optimizer, "optimizer config")(params)
     assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
     if cfg.scheduler is None:
         assert sched == "none"
         return
-    scheduler = instantiate(cfg.scheduler)(opt, total_steps=20)
+    scheduler = build(cfg.scheduler, "scheduler config")(opt, total_steps=20)
     lrs = []
     for _ in range(20):
         opt.step()
@@ -65,7 +65,7 @@ def test_optimizer_and_scheduler_options(compose_cfg, name: str, sched: str) -> 
 def test_model_options(compose_cfg, name: str) -> None:
     extra = ["model.arch=mobilenet_v3_small"] if name == "torchvision" else []
     cfg = compose_cfg([f"model={name}", *extra])
-    net = instantiate(model_spec(cfg.model, num_classes=7, image_size=32))
+    net = build(model_spec(cfg.model, num_classes=7, image_size=32), "model config")
     assert isinstance(net, Network)
     net.eval()
     out = net(torch.randn(2, 3, 32, 32))
@@ -86,7 +86,7 @@ def test_dataset_options(compose_cfg, image_folder: Path, tmp_path: Path, name: 
         "digits": [],
     }[name]
     cfg = compose_cfg([f"dataset={name}", "dataset.image_size=24", "dataset.num_workers=0", *extra])
-    data = instantiate(cfg.dataset, seed=0, _convert_="all")
+    data = build(cfg.dataset, "dataset config", seed=0)
     assert isinstance(data, DataModule)
     x, y, i = next(iter(data.train_loader(0)))
     assert x.shape[1:] == (3, 24, 24) and y.max() < data.num_classes
@@ -96,7 +96,7 @@ def test_dataset_options(compose_cfg, image_folder: Path, tmp_path: Path, name: 
 def test_experiment_presets(compose_cfg, name: str) -> None:
     cfg = compose_cfg([f"experiment={name}"])
     assert cfg.stage in ("teacher", "student", "probe")
-    objective = Objective(instantiate(cfg.loss.terms, _convert_="all"))
+    objective = Objective(build(cfg.loss.terms, "loss config"))
     assert objective.needs_teacher == (cfg.stage == "student")
     assert run_name(cfg)
     if name == "conkd_lion":
@@ -121,7 +121,7 @@ def test_hparams_search_presets(name: str) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "conf")):
         cfg = compose("train", overrides=[f"hparams_search={name}"], return_hydra_config=True)
     GlobalHydra.instance().clear()
     sweeper = cfg.hydra.sweeper

@@ -183,7 +183,7 @@ def test_sweep_count_leaves_out_interrupted_and_orphaned_trials(tmp_path: Path) 
     import optuna
     from optuna.trial import TrialState
 
-    from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import INTERRUPTED_ATTR
+    from conkd.sweep import INTERRUPTED_ATTR
 
     s = protocol.Settings(name="t", out=tmp_path, trials=3)
     s.dir.mkdir(parents=True)
@@ -191,9 +191,10 @@ def test_sweep_count_leaves_out_interrupted_and_orphaned_trials(tmp_path: Path) 
     for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
         value = 1.0 if state == TrialState.COMPLETE else None
         study.add_trial(optuna.trial.create_trial(state=state, value=value))
-    killed = study.ask()  # as the sweeper marks an orphan: flagged, then FAIL
-    study._storage.set_trial_system_attr(killed._trial_id, INTERRUPTED_ATTR, True)
-    study._storage.set_trial_state(killed._trial_id, TrialState.FAIL)
+    # as the sweeper leaves an orphan: flagged interrupted, FAIL (and re-queued)
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={INTERRUPTED_ATTR: True})
+    )
     study.ask()  # RUNNING, and nobody runs it
     assert protocol.sweep_state(s)[1] == 3
 
@@ -219,13 +220,13 @@ def test_sweep_savings_count_ended_trials_only(tmp_path: Path) -> None:
     """Pruning savings compare the epochs ended trials ran with running them all to the end; a
     trial still running (2 epochs so far) must not read as a pruned one."""
     import optuna
-    from optuna.distributions import UniformDistribution
+    from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState
 
     s = protocol.Settings(name="t", out=tmp_path, trials=4, student_epochs=8)
     s.dir.mkdir(parents=True)
     study = optuna.create_study(study_name=s.study, storage=s.storage, direction="maximize")
-    dist = {"loss.alpha": UniformDistribution(0.0, 1.0)}
+    dist = {"loss.alpha": FloatDistribution(0.0, 1.0)}
     for state, epochs, value in ((TrialState.COMPLETE, 8, 70.0), (TrialState.PRUNED, 2, None)):
         study.add_trial(optuna.trial.create_trial(
             state=state, value=value, params={"loss.alpha": 0.5}, distributions=dist,

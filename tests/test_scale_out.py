@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from tests.conftest import ROOT, run_cli, tiny_overrides
-from tests.servers import MLFLOW, mlflow_server, postgres
+from tests.servers import mlflow_server, postgres
 
 
 def worker_args(image_folder: Path, tmp_path: Path, storage: str, tracking: str) -> list[str]:
@@ -33,7 +33,6 @@ def worker_args(image_folder: Path, tmp_path: Path, storage: str, tracking: str)
     ]  # fmt: skip
 
 
-@pytest.mark.skipif(not MLFLOW.exists(), reason="needs the UI environment (make install)")
 def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
     image_folder: Path, tmp_path: Path
 ) -> None:
@@ -67,7 +66,7 @@ def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
     # the study ends at the requested total, each trial number run once, by one of the workers
     states = [t.state.name for t in trials]
     assert states == ["COMPLETE"] * 4, "\n\n".join(o[-4000:] for o in outputs)
-    pids = {t.system_attrs["conkd:pid"] for t in trials}
+    pids = {t.user_attrs["conkd:pid"] for t in trials}
     assert len(pids) == 2  # both workers pulled trials
     # one MLflow child run per trial number, every epoch's metrics there
     assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1", "2", "3"]
@@ -75,7 +74,6 @@ def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
     assert all(sorted(steps) == [0, 1] for steps in histories.values())
 
 
-@pytest.mark.skipif(not MLFLOW.exists(), reason="needs the UI environment (make install)")
 def test_runs_that_record_one_dataset_at_once_on_a_server(tmp_path: Path, caplog) -> None:
     """Trials starting together each record the same dataset input; MLflow's server checks,
     then inserts, so on PostgreSQL all but one used to fail with "duplicate key" (and with them
@@ -108,7 +106,6 @@ def test_runs_that_record_one_dataset_at_once_on_a_server(tmp_path: Path, caplog
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MLFLOW.exists(), reason="needs the UI environment (make install)")
 def test_tracking_server_that_goes_away_mid_run(image_folder: Path, tmp_path: Path) -> None:
     """The server is stopped after the first epoch: training finishes, the rest is saved to
     mlflow_pending.json with a warning, and replayed into the same store once it is back."""

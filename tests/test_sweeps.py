@@ -257,7 +257,7 @@ def test_interrupted_sweep_resumes_to_requested_total(
     s = study(tmp_path)
     finished = [t for t in s.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 4
-    assert all(t.system_attrs.get("conkd:interrupted") for t in s.trials if t.state.name == "FAIL")
+    assert all(t.user_attrs.get("conkd:interrupted") for t in s.trials if t.state.name == "FAIL")
     # no parameter set evaluated twice (the re-run does not replay the sampler's sequence), and
     # the interrupted trial's parameters are evaluated exactly once, by its re-queued trial
     evaluated = [tuple(sorted(t.params.items())) for t in finished]
@@ -322,8 +322,8 @@ def test_workers_that_start_together_draw_different_parameters() -> None:
     from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import TrialSeeded
 
     space = {
-        "alpha": optuna.distributions.UniformDistribution(0.0, 1.0),
-        "lr": optuna.distributions.LogUniformDistribution(1e-5, 1e-3),
+        "alpha": optuna.distributions.FloatDistribution(0.0, 1.0),
+        "lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True),
     }
 
     def first_asks(samplers: list) -> list[dict]:
@@ -347,24 +347,129 @@ def test_workers_that_start_together_draw_different_parameters() -> None:
     assert one_worker == two_workers
 
 
-def test_a_trial_killed_before_it_is_configured_is_recognised_as_an_orphan(
-    tmp_path: Path,
-) -> None:
-    """A worker killed right after ``ask`` (before the sweeper configures the trial) left a
+def test_a_trial_is_marked_by_its_worker_and_an_unmarked_one_is_an_orphan(tmp_path: Path) -> None:
+    """A worker killed right after ``ask`` (before the sweeper configured the trial) once left a
     RUNNING trial with no host or pid: resumed workers counted it as live and the sweep ended
-    one trial short. The storage now marks a trial with its creator as it is created."""
+    one trial short. A worker marks its trial as it asks for it; a RUNNING trial nobody marked
+    is an orphan once older than the few milliseconds marking takes."""
     import socket
 
-    from conkd.sweep import HOST_ATTR, PID_ATTR
-    from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import open_storage
+    from conkd.runs import STALE_AFTER_S
+    from conkd.sweep import HOST_ATTR, PID_ATTR, StudyTrials, open_storage
+    from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import claim, orphan_reason
 
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(study_name="s", storage=storage)
-    trial = study.ask()
-    attrs = storage.get_trial_system_attrs(trial._trial_id)
-    assert attrs[HOST_ATTR] == socket.gethostname()
-    assert attrs[PID_ATTR] == os.getpid()
-    # an enqueued trial is marked by the worker that runs it, not by the one that queued it
-    study.enqueue_trial({"x": 1.0})
+    trials = StudyTrials(storage, "s")
+    mine = trials.get(claim(study).number)
+    assert (mine.user_attrs[HOST_ATTR], mine.user_attrs[PID_ATTR]) == (
+        socket.gethostname(),
+        os.getpid(),
+    )
+    assert orphan_reason(mine, STALE_AFTER_S) is None  # this process is alive
+    # killed between ask and the mark
+    bare = trials.get(study.ask().number)
+    start = bare.datetime_start.timestamp()
+    assert orphan_reason(bare, STALE_AFTER_S, now=start + 1.0) is None  # may be marking it now
+    assert orphan_reason(bare, STALE_AFTER_S, now=start + 3.0) == (
+        "its worker stopped before marking it"
+    )
+    # marked by a worker that has exited
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    trials.mark(bare.number, HOST_ATTR, socket.gethostname())
+    trials.mark(bare.number, PID_ATTR, int(done.stdout))
+    why = orphan_reason(trials.get(bare.number), STALE_AFTER_S)
+    assert why == f"pid {int(done.stdout)} is not running on {socket.gethostname()}"
+    # a queued trial is marked by the worker that runs it, not by the one that queued it
+    study.enqueue_trial({"x": 1.0}, user_attrs={"conkd:resume": "last.pt"})
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))[0]
-    assert PID_ATTR not in storage.get_trial_system_attrs(waiting._trial_id)
+    assert PID_ATTR not in waiting.user_attrs
+    popped = trials.get(claim(study).number)
+    assert popped.number == waiting.number and popped.user_attrs[PID_ATTR] == os.getpid()
+    assert popped.user_attrs["conkd:resume"] == "last.pt"
+
+
+def test_old_optuna_database_is_refused_with_the_upgrade_command(tmp_path: Path) -> None:
+    """A study database the old stack wrote (optuna 2.10.1: tests/fixtures/optuna-2.10.1.db, a
+    3-trial study made by it) stops with one line giving the command that upgrades it; after
+    that command the study opens with its trials."""
+    import shutil
+
+    from conkd.errors import ConKDError
+    from conkd.sweep import open_storage
+
+    shutil.copy(ROOT / "tests" / "fixtures" / "optuna-2.10.1.db", tmp_path / "optuna.db")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(ConKDError) as err:
+        open_storage(url)
+    command = f"optuna storage upgrade --storage {url}"
+    assert str(err.value) == (
+        f"the Optuna storage {url} was written by an older Optuna (optuna 2.10.1); upgrade it "
+        f"once (then only Optuna >= 3 reads it) with: {command}"
+    )
+    cli = Path(sys.executable).parent / "optuna"
+    subprocess.run([str(cli), *command.split()[1:]], check=True, capture_output=True)
+    study = optuna.load_study(study_name="conkd_lion_digits", storage=open_storage(url))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert set(study.best_params) == {"loss.alpha"}
+
+
+def test_gp_sampler_is_a_config_choice(image_folder: Path, tmp_path: Path) -> None:
+    """hydra/sweeper/sampler=gp: Optuna's Gaussian-process sampler (seeded per trial like the
+    others) proposes the trials after its startup ones."""
+    res = run_cli(
+        *lr_sweep_args(
+            image_folder,
+            tmp_path,
+            "hydra/sweeper/sampler=gp",
+            "hydra.sweeper.sampler.seed=0",
+            "hydra.sweeper.sampler.n_startup_trials=1",
+            "hydra.sweeper.n_trials=3",
+            "hydra/sweeper/pruner=none",
+            "trainer.epochs=1",
+        )  # fmt: skip
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "study test on sqlite:///" in out and "sampler GPSampler" in out
+    assert "greenlet" not in out  # GPSampler's batched optimiser is installed
+    s = study(tmp_path)
+    assert states(s) == ["COMPLETE"] * 3
+    lrs = [t.params["optimizer.lr"] for t in s.trials]
+    assert len(set(lrs)) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+
+
+def test_two_workers_share_one_journal_file(image_folder: Path, tmp_path: Path) -> None:
+    """hydra/sweeper/storage=journal: a study in one file (no database server), as on a network
+    file system. Two workers started together on it run the requested total, each trial number
+    once, and both take trials."""
+    journal = tmp_path / "shared" / "optuna.journal"
+    journal.parent.mkdir()
+    args = [
+        a for a in lr_sweep_args(
+            image_folder, tmp_path, "hydra/sweeper/storage=journal",
+            f"hydra.sweeper.storage.log_storage.file_path={journal}", "hydra.sweeper.n_trials=4",
+            "hydra/sweeper/pruner=none", "trainer.epochs=1",
+            "hydra.sweep.subdir=trial_${optuna.trial}",
+        ) if not a.startswith("hydra.sweeper.storage=sqlite")
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    workers = [
+        subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for w, out in zip(workers, outputs):
+        assert w.returncode == 0, out[-3000:]
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="test", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, "\n".join(outputs)
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert len({t.user_attrs["conkd:pid"] for t in trials}) == 2  # both workers pulled trials
+    assert all(f"study test on journal:{journal}, sampler TPESampler" in out for out in outputs)
+    assert not (tmp_path / "optuna.db").exists()

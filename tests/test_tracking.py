@@ -15,6 +15,7 @@ import mlflow
 import pytest
 import torch
 
+from conkd.checkpoint import build_from_checkpoint, load_checkpoint
 from conkd.errors import ConKDError, DivergedError
 from conkd.run import run
 from conkd.tracking import resolve_store
@@ -95,13 +96,21 @@ def test_student_run_is_fully_tracked(
         "per_class.txt",
         "checkpoints",
     } <= arts  # (.hydra/ exists under a real Hydra run: see the multirun)
-    # the logged model loads back and predicts
+    # the network is logged in the safe format (torch.export, no pickle) and loads back with
+    # the best checkpoint's predictions, at another batch size than the one it was traced on
+    assert tags["model_format"] == "pt2"
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     try:
-        model = mlflow.pytorch.load_model(client.get_run(r.info.run_id).data.tags["model_uri"])
+        model = mlflow.pytorch.load_model(tags["model_uri"])
     finally:
         mlflow.set_tracking_uri(None)
-    assert model(torch.randn(2, 3, 32, 32))["logits"].shape == (2, 3)
+    best = build_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt"))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        got, want = model(x), best.eval()(x)
+    assert set(got) == {"logits", "embedding", "projection"}
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
 
 
 def test_failed_run_is_failed_with_error_tag(
@@ -160,13 +169,17 @@ def test_teacher_registered_and_loaded_by_uri(
     assert student.info.status == "FINISHED"
     assert student.data.tags["teacher"] == "models:/tiny-teacher@champion"
     assert student.data.tags["teacher.run_id"] == mv.run_id
-    # the registered model itself loads back through mlflow.pytorch
+    # the registered model itself loads back through mlflow.pytorch (the pt2 export) and
+    # predicts what the teacher's best checkpoint predicts
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     try:
         net = mlflow.pytorch.load_model("models:/tiny-teacher@champion")
     finally:
         mlflow.set_tracking_uri(None)
-    assert net.arch == "resnet18"
+    best = build_from_checkpoint(load_checkpoint(tmp_path / "teacher" / "checkpoints" / "best.pt"))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)["logits"], best.eval()(x)["logits"])
 
 
 def test_missing_registered_teacher_is_clear(compose_cfg, image_folder: Path, tmp_path: Path):
@@ -277,40 +290,13 @@ def test_unreachable_server_fails_at_startup(compose_cfg, image_folder, tmp_path
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-UI_MLFLOW = ROOT / ".venv-ui" / "bin" / "mlflow"
-
-
-@pytest.mark.skipif(not UI_MLFLOW.exists(), reason="no .venv-ui (make install creates it)")
 def test_real_tracking_server(compose_cfg, image_folder: Path, tmp_path: Path) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(UI_MLFLOW),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/server.db",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
+    """A run logs into a real ``mlflow server`` started from the project's environment."""
+    from tests.servers import mlflow_server
+
+    with mlflow_server(
+        f"sqlite:///{tmp_path}/server.db", tmp_path / "server-artifacts", tmp_path / "server.log"
+    ) as url:
         cfg = compose_cfg(
             [
                 *tiny_overrides(image_folder, tmp_path / "run", tmp_path / "s"),
@@ -328,9 +314,27 @@ def test_real_tracking_server(compose_cfg, image_folder: Path, tmp_path: Path) -
         assert body["run"]["info"]["status"] == "FINISHED"
         keys = {m["key"] for m in body["run"]["data"]["metrics"]}
         assert {"val/top1", "train/loss", "test/top1"} <= keys
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_optuna_dashboard_serves_the_sweeps_studies(tmp_path: Path) -> None:
+    """``make dashboard``'s optuna-dashboard, from the same environment as training (Optuna 5,
+    SQLAlchemy 2), answers on 127.0.0.1 with a study's trials."""
+    import optuna
+
+    from tests.servers import optuna_dashboard
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="conkd_lion_digits", storage=storage)
+    for value in (0.5, 0.25):
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"conkd:pid": 1}))
+    with optuna_dashboard(storage, tmp_path / "dashboard.log") as url:
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{url}/api/studies") as resp:
+            (summary,) = json.load(resp)["study_summaries"]
+        assert summary["study_name"] == "conkd_lion_digits"
+        with urllib.request.urlopen(f"{url}/api/studies/{summary['study_id']}") as resp:
+            trials = json.load(resp)["trials"]
+    assert [t["values"] for t in trials] == [[0.5], [0.25]]
 
 
 def test_ctrl_c_marks_run_killed(image_folder: Path, tmp_path: Path) -> None:

@@ -1,20 +1,27 @@
-"""A small extension of hydra-optuna-sweeper 1.3 (select with ``hydra/sweeper=conkd_optuna``).
+"""A small extension of hydra-optuna-sweeper 1.4 (select with ``hydra/sweeper=conkd_optuna``).
 
 The released sweeper runs each job blind: the job never sees its Optuna trial, so it cannot
-report intermediate values or be pruned. This subclass changes only what that needs:
+report intermediate values or be pruned. This subclass changes only what that needs, through
+Optuna's public API (``ask``/``tell``, user attributes, ``enqueue_trial``, the storage's public
+methods):
 
 * each job gets its trial number as the override ``optuna.trial=N``; storage, study name and
   pruner it reads from its own ``hydra.sweeper`` config (see :mod:`conkd.sweep`);
-* a job stopped by the pruner returns normally and marks its trial; the storage then records
-  the sweeper's COMPLETE as PRUNED (so a prune never counts as a failure);
+* a job stopped by the pruner returns normally and marks its trial; the sweeper then tells the
+  trial PRUNED (so a prune never counts as a failure);
 * trials are pulled, not batched per worker: before each batch the worker counts the study's
   trials (finished, failed, and running in live workers) and asks only for what is missing from
   ``n_trials``. Re-running a sweep with the same storage and study name therefore runs only the
-  missing trials, and N workers started with the same command on a shared storage (one machine
-  or many) share one study and stop together at ``n_trials``;
+  missing trials, and N workers started with the same command on a shared storage (a database,
+  or one journal file: ``hydra/sweeper/storage=journal``) share one study and stop together at
+  ``n_trials``;
 * a trial whose worker is gone (its pid is not running on this host, or no heartbeat from
   another host for ``stale_after_s``) is marked FAIL and re-queued with its parameters,
-  continuing from its checkpoint (``resume=.../last.pt``) where it wrote one;
+  continuing from its checkpoint (``resume=.../last.pt``) where it wrote one. Optuna's own
+  heartbeat (``RDBStorage(heartbeat_interval=...)`` + ``fail_stale_trials``) is not used: it
+  exists only for database storages (not the journal file), with ask/tell its beats would still
+  be the job's own per-epoch writes, and it can only wait out a grace period, where a pid on
+  this host tells at once (a killed sweep re-run on the same machine re-queues immediately);
 * each trial's sampler is seeded by (seed, trial number) (:class:`TrialSeeded`), so a resumed
   sweep does not replay the random sequence of its first run, and workers that start together
   on an empty study do not draw the same parameters (both would, with one shared seed);
@@ -41,7 +48,6 @@ import numpy as np
 import optuna
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobStatus
-from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
     create_params_from_overrides,
@@ -51,23 +57,31 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import MISSING, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from conkd.cli import exit_with
+from conkd.errors import ConKDError
 from conkd.runs import STALE_AFTER_S, process_gone
 from conkd.sweep import (
     CHECKPOINT_ATTR,
     HEARTBEAT_ATTR,
     HOST_ATTR,
+    INTERRUPTED_ATTR,
     PID_ATTR,
     PRUNED_ATTR,
+    RESUME_ATTR,
     TRIAL_KEY,
+    StudyTrials,
+    describe_storage,
+    open_storage,
 )
+from conkd.targets import build
 
 log = logging.getLogger(__name__)
-INTERRUPTED_ATTR = "conkd:interrupted"
-#: User attribute of a re-queued trial: the interrupted trial's checkpoint to continue from.
-RESUME_ATTR = "conkd:resume"
+#: A running trial with no worker mark is an orphan after this long: a live worker marks the
+#: trial it asked for within milliseconds (:func:`claim`), a killed one
+#: never does, and a restarted sweep takes longer than this to start.
+UNCLAIMED_AFTER_S = 2.0
 
 
 def count_trials(study: optuna.Study, running: bool = True) -> tuple[int, int]:
@@ -76,7 +90,7 @@ def count_trials(study: optuna.Study, running: bool = True) -> tuple[int, int]:
     counted = failed = 0
     states = (TrialState.COMPLETE, TrialState.PRUNED) + ((TrialState.RUNNING,) if running else ())
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.FAIL and not t.system_attrs.get(INTERRUPTED_ATTR):
+        if t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR):
             failed += 1
             counted += 1
         elif t.state in states:
@@ -84,55 +98,24 @@ def count_trials(study: optuna.Study, running: bool = True) -> tuple[int, int]:
     return counted, failed
 
 
-class PruneAwareStorage(RDBStorage):
-    """RDB storage that records a trial its job marked as pruned as PRUNED, not COMPLETE.
-
-    Optuna wraps RDB storages in a cache that finishes trials through ``_update_trial``, and
-    uncached callers use ``set_trial_state``: both paths are covered. The mark is read from the
-    database, where the job (another process) wrote it.
-    """
-
-    def _pruned(self, trial_id: int, state: Any) -> Any:
-        if state == TrialState.COMPLETE and self.get_trial_system_attrs(trial_id).get(PRUNED_ATTR):
-            return TrialState.PRUNED
-        return state
-
-    def _create_new_trial(
-        self, study_id: int, template_trial: FrozenTrial | None = None
-    ) -> FrozenTrial:
-        """A new trial, marked with this worker's host and pid as it is created: a worker killed
-        between ``ask`` and configuring the trial would otherwise leave a RUNNING trial no
-        resumed worker recognises as an orphan (the sweep then ends one trial short). Enqueued
-        (WAITING) trials are left unmarked: the worker that runs them marks them."""
-        # Optuna's cached storage creates trials through this method, plain callers through
-        # create_new_trial, which calls it
-        trial = super()._create_new_trial(study_id, template_trial)
-        if template_trial is None:
-            for key, value in ((HOST_ATTR, socket.gethostname()), (PID_ATTR, os.getpid())):
-                self.set_trial_system_attr(trial._trial_id, key, value)
-                trial.system_attrs[key] = value  # the cache keeps this copy
-        return trial
-
-    def set_trial_state(self, trial_id: int, state: TrialState) -> bool:
-        return super().set_trial_state(trial_id, self._pruned(trial_id, state))
-
-    def _update_trial(self, trial_id: int, state: Any = None, **kwargs: Any) -> bool:
-        return super()._update_trial(trial_id, state=self._pruned(trial_id, state), **kwargs)
+def claim(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()``: a new trial, or a queued one, marked at once with this worker (host and
+    pid), so that other workers can tell a live trial from an orphan (:func:`orphan_reason`)."""
+    trial = study.ask()
+    trial.set_user_attr(HOST_ATTR, socket.gethostname())
+    trial.set_user_attr(PID_ATTR, os.getpid())
+    return trial
 
 
-def open_storage(url: str, attempts: int = 6) -> PruneAwareStorage:
-    """The study's storage. Workers started together race to create Optuna's tables (one gets
-    "duplicate key" or "already exists"): the losers retry, and then find them made."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    for attempt in range(attempts):
-        try:
-            return PruneAwareStorage(url)
-        except SQLAlchemyError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+def orphan_reason(t: FrozenTrial, stale_after_s: float, now: float | None = None) -> str | None:
+    """Why RUNNING trial ``t`` has no live worker, or None: its pid is not running on this host,
+    or its host sent no heartbeat for ``stale_after_s``, or its worker never marked it."""
+    attrs, now = t.user_attrs, time.time() if now is None else now
+    started = t.datetime_start.timestamp() if t.datetime_start else now
+    if PID_ATTR not in attrs:
+        return "its worker stopped before marking it" if now - started > UNCLAIMED_AFTER_S else None
+    beat = float(attrs.get(HEARTBEAT_ATTR) or started)
+    return process_gone(attrs.get(HOST_ATTR), attrs[PID_ATTR], beat, now, stale_after_s)
 
 
 class TrialSeeded(BaseSampler):
@@ -172,6 +155,9 @@ class TrialSeeded(BaseSampler):
     ) -> Any:
         return self._for(trial).sample_independent(study, trial, name, dist)
 
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
     def after_trial(
         self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any
     ) -> None:
@@ -189,6 +175,7 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
         self.pruner = pruner  # instantiated by the jobs from their hydra.sweeper config
         self.stale_after_s = stale_after_s
         self.sampler_config: Any = None  # hydra.sweeper.sampler, read in setup
+        self.trials: StudyTrials | None = None  # the study's trials by number, set in sweep
 
     def setup(self, **kwargs: Any) -> None:
         super().setup(**kwargs)
@@ -198,10 +185,6 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
         overrides = super()._configure_trials(trials, *args)
         out = []
         for o, t in zip(overrides, trials):
-            # whose trial this is, so another worker can tell a live one from an orphan
-            storage = t.study._storage
-            storage.set_trial_system_attr(t._trial_id, HOST_ATTR, socket.gethostname())
-            storage.set_trial_system_attr(t._trial_id, PID_ATTR, os.getpid())
             extra = [f"{TRIAL_KEY}={t.number}"]
             resume = t.user_attrs.get(RESUME_ATTR)
             if resume and Path(resume).exists():
@@ -216,53 +199,52 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
         seed = cfg.get("seed") if cfg is not None else None
         if seed is None or isinstance(self.sampler, optuna.samplers.GridSampler):
             return
-        self.sampler = TrialSeeded(lambda s: instantiate(cfg, seed=s), int(seed))
+        self.sampler = TrialSeeded(
+            lambda s: build(cfg, "hydra.sweeper.sampler config", seed=s), int(seed)
+        )
         log.info("sampler seeded per trial number from seed %s", seed)
-
-    def _orphan(self, t: Any) -> str | None:
-        """Why RUNNING trial ``t`` has no live worker, or None."""
-        attrs = t.system_attrs
-        started = t.datetime_start.timestamp() if t.datetime_start else time.time()
-        beat = float(attrs.get(HEARTBEAT_ATTR) or started)
-        return process_gone(attrs.get(HOST_ATTR), attrs.get(PID_ATTR), beat, time.time(),
-                            self.stale_after_s)  # fmt: skip
 
     def _requeue_orphans(self, study: optuna.Study) -> None:
         """Trials whose worker died: FAIL (marked interrupted) and queued again with their
-        parameters and checkpoint."""
+        parameters and checkpoint. Of workers that find one orphan together, the one whose
+        FAIL lands queues it."""
+        assert self.trials is not None
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            why = self._orphan(t)
+            why = orphan_reason(t, self.stale_after_s)
             if why is None:
                 continue
-            study._storage.set_trial_system_attr(t._trial_id, INTERRUPTED_ATTR, True)
-            study._storage.set_trial_state(t._trial_id, TrialState.FAIL)
+            self.trials.mark(t.number, INTERRUPTED_ATTR, True)
+            if not self.trials.fail(t.number):
+                continue
             if t.params:
-                study.enqueue_trial(t.params)  # optuna 2.10: no user_attrs argument yet
-                ckpt = t.system_attrs.get(CHECKPOINT_ATTR)
-                if ckpt:
-                    queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[-1]
-                    study._storage.set_trial_user_attr(queued._trial_id, RESUME_ATTR, ckpt)
+                ckpt = t.user_attrs.get(CHECKPOINT_ATTR)
+                study.enqueue_trial(t.params, user_attrs={RESUME_ATTR: ckpt} if ckpt else None)
             log.info("trial %d was interrupted (%s): marked FAIL and queued again", t.number, why)
 
-    def _search_space(self, arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The swept distributions and the fixed parameters, as the released sweeper builds them."""
+    def _search_space(self, arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any], list]:
+        """The swept distributions, the fixed parameters and the fixed overrides (``~key``
+        deletions), as the released sweeper builds them."""
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)
-        distributions, fixed = create_params_from_overrides(params_conf)
-        space = dict(self.search_space_distributions or {})
-        space.update(distributions)
+        space, fixed, fixed_overrides = create_params_from_overrides(params_conf)
         if isinstance(self.sampler, functools.partial):  # GridSampler: built from the space
             choices = {k: self._to_grid_sampler_choices(d) for k, d in space.items()}
             self.sampler = self.sampler(choices)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in choices.values()))
         for name in fixed:
             space.pop(name, None)
-        return space, fixed
+        return space, fixed, fixed_overrides
 
     def _tell(self, study: optuna.Study, trials: list, returns: list) -> None:
+        """Record each job's outcome: PRUNED when its pruner stopped it (the job marked it),
+        else COMPLETE with its value, FAIL when it raised or returned no number."""
+        assert self.trials is not None
         for trial, ret in zip(trials, returns):
             if ret.status == JobStatus.COMPLETED:
+                if self.trials.get(trial.number).user_attrs.get(PRUNED_ATTR):
+                    study.tell(trial, state=TrialState.PRUNED)
+                    continue
                 try:
                     study.tell(trial, state=TrialState.COMPLETE, values=[float(ret.return_value)])
                     continue
@@ -273,13 +255,15 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
             study.tell(trial, state=TrialState.FAIL)
 
     def sweep(self, arguments: list[str]) -> None:
-        if isinstance(self.storage, str):
-            self.storage = open_storage(self.storage)
-        space, fixed = self._search_space(arguments)
+        storage = open_storage(self.storage)
+        space, fixed, fixed_overrides = self._search_space(arguments)
         study = optuna.create_study(
-            study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+            study_name=self.study_name, storage=storage, sampler=self.sampler,
             directions=self._get_directions(), load_if_exists=True,
         )  # fmt: skip
+        log.info("study %s on %s, sampler %s", study.study_name, describe_storage(self.storage),
+                 type(self.sampler).__name__)  # fmt: skip
+        self.trials = StudyTrials(storage, study.study_name)
         self._requeue_orphans(study)
         self._seed_per_trial()
         study.sampler = self.sampler
@@ -289,8 +273,8 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
             log.info("study %s has %d of %d trials", self.study_name, counted, self.n_trials)
         last: list = []
         while counted < self.n_trials and failed <= budget:
-            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - counted))]
-            overrides = self._configure_trials(trials, space, fixed)
+            trials = [claim(study) for _ in range(min(self.n_jobs, self.n_trials - counted))]
+            overrides = self._configure_trials(trials, space, fixed, fixed_overrides)
             last = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             self.job_idx += len(last)
             self._tell(study, trials, last)
@@ -322,20 +306,54 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
 
 
 class ConKDOptunaSweeper(OptunaSweeper):
-    """``hydra/sweeper=conkd_optuna``: the Optuna sweeper with a ``pruner`` option."""
+    """``hydra/sweeper=conkd_optuna``: the Optuna sweeper with a ``pruner`` option.
+
+    Hydra 1.4 builds plugins non-recursively: the sampler arrives as its config and is built
+    here (as the released sweeper does, within ConKD's execution whitelist); the pruner is built
+    by each job from its own ``hydra.sweeper`` config.
+    """
 
     def __init__(
-        self, *args: Any, pruner: Any = None, stale_after_s: float = STALE_AFTER_S, **kwargs: Any
+        self,
+        sampler: Any,
+        *args: Any,
+        pruner: Any = None,
+        stale_after_s: float = STALE_AFTER_S,
+        **kwargs: Any,
     ) -> None:
         self.sweeper = ConKDOptunaSweeperImpl(
-            *args, pruner=pruner, stale_after_s=stale_after_s, **kwargs
+            build(sampler, "hydra.sweeper.sampler config"),
+            *args,
+            pruner=pruner,
+            stale_after_s=stale_after_s,
+            **kwargs,
         )
+
+    def sweep(self, arguments: list[str]) -> None:
+        """The sweep; bad input found by the sweeper itself (an old study database, a storage
+        that cannot be opened) ends in one ``error:`` line, as a run's does."""
+        try:
+            self.sweeper.sweep(arguments)
+        except ConKDError as err:
+            exit_with(err)
 
 
 @dataclass
 class ConKDOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper.ConKDOptunaSweeper"
-    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
+    # _self_ first, so that hydra/sweeper/storage=journal replaces the default storage below
+    defaults: list[Any] = field(
+        default_factory=lambda: [
+            "_self_",
+            {"sampler": "tpe"},
+            {"pruner": "median"},
+            {"storage": None},
+        ]
+    )
+    # An RDB URL (sqlite:///ABS/PATH, postgresql+psycopg2://...) or a storage config with a
+    # _target_ (hydra/sweeper/storage=journal). Absolute: the sweeper opens it before Hydra's
+    # runtime config exists, so ${hydra:runtime.cwd} cannot be used here.
+    storage: Any = "sqlite:///${oc.env:CONKD_ROOT,${oc.env:PWD}}/mlruns/optuna.db"
     # An optuna.pruners.* config (hydra/sweeper/pruner=median|none|successive_halving|hyperband)
     pruner: Any = MISSING
     # ConKD's default objective is validation top-1; objective_mode=min needs minimize here.
