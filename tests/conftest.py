@@ -104,6 +104,21 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess
     )
 
 
+def run_workers(args: list[str], n: int = 2) -> list[str]:
+    """Start ``n`` sweep workers with the same command at once (as on ``n`` machines); waits for
+    all, asserts each succeeded and returns their outputs."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    workers = [
+        subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(n)
+    ]  # fmt: skip
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for w, out in zip(workers, outputs):
+        assert w.returncode == 0, out[-3000:]
+    return outputs
+
+
 def compose_train(overrides: list[str]) -> DictConfig:
     """Compose conf/train.yaml outside a fixture (for session-scoped fixtures)."""
     GlobalHydra.instance().clear()

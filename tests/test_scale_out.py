@@ -15,7 +15,7 @@ import mlflow
 import optuna
 import pytest
 
-from tests.conftest import ROOT, run_cli, tiny_overrides
+from tests.conftest import ROOT, run_cli, run_workers, tiny_overrides
 from tests.servers import mlflow_server, postgres
 
 
@@ -43,15 +43,7 @@ def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
             f"postgresql+psycopg2://{pg}/mlflow", tmp_path / "artifacts", log
         ) as url:
             args = worker_args(image_folder, tmp_path, storage, url)
-            env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-            workers = [
-                subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                for _ in range(2)
-            ]  # fmt: skip
-            outputs = [w.communicate(timeout=600)[0] for w in workers]
-            for w, out in zip(workers, outputs):
-                assert w.returncode == 0, out[-3000:]
+            outputs = run_workers(args)
             trials = optuna.load_study(study_name="shared", storage=storage).trials
             client = mlflow.MlflowClient(url)
             exp = client.get_experiment_by_name("conkd-imagefolder")

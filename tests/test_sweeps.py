@@ -15,7 +15,7 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_cli, tiny_overrides, write_image_folder
+from tests.conftest import ROOT, run_cli, run_workers, tiny_overrides, write_image_folder
 
 
 def sweep_args(image_folder: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -454,15 +454,7 @@ def test_two_workers_share_one_journal_file(image_folder: Path, tmp_path: Path) 
             "hydra.sweep.subdir=trial_${optuna.trial}",
         ) if not a.startswith("hydra.sweeper.storage=sqlite")
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    workers = [
-        subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for _ in range(2)
-    ]  # fmt: skip
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    for w, out in zip(workers, outputs):
-        assert w.returncode == 0, out[-3000:]
+    outputs = run_workers(args)
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
