@@ -35,7 +35,7 @@ def test_zero_init_residual_starts_each_block_as_identity(zero: bool) -> None:
     blocks = [b for layer in ("layer1", "layer2") for b in getattr(net.backbone, layer)]
     last_bn = [b.bn2.weight.abs().max().item() for b in blocks]
     assert last_bn == [0.0 if zero else 1.0] * 4
-    assert float(net.backbone.bn1.weight.min()) == 1.0
+    assert net.backbone.bn1.weight.min().item() == 1.0
     block = net.backbone.layer1[0]  # no downsample: out = relu(x + branch(x)) = relu(x)
     x = torch.randn(2, 64, 8, 8)
     assert torch.equal(block(x), torch.relu(x)) is zero
