@@ -33,6 +33,7 @@ def worker_args(image_folder: Path, tmp_path: Path, storage: str, tracking: str)
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # two workers and two servers: ~70 s; CI runs it (make test-all)
 def test_two_workers_share_one_study_on_postgres_and_an_mlflow_server(
     image_folder: Path, tmp_path: Path
 ) -> None:

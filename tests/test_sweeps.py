@@ -440,6 +440,7 @@ def test_gp_sampler_is_a_config_choice(image_folder: Path, tmp_path: Path) -> No
     assert len(set(lrs)) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
 
 
+@pytest.mark.slow  # two worker processes: ~30-60 s; CI runs it (make test-all)
 def test_two_workers_share_one_journal_file(image_folder: Path, tmp_path: Path) -> None:
     """hydra/sweeper/storage=journal: a study in one file (no database server), as on a network
     file system. Two workers started together on it run the requested total, each trial number
