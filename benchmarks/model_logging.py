@@ -28,7 +28,7 @@ def main() -> int:
     import torch
 
     from conkd.models import Network
-    from conkd.tracking import export_signature
+    from conkd.tracking import pt2_options
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     work = scratch_dir("conkd-model-logging-", args.keep)
@@ -38,14 +38,8 @@ def main() -> int:
     )
     torch.manual_seed(0)
     net = Network(args.arch, num_classes=10, image_size=args.size).eval()
-    example = torch.zeros(2, 3, args.size, args.size)
     options = {
-        "pt2": {
-            "serialization_format": "pt2",
-            "input_example": example.numpy(),
-            "signature": export_signature(net, example),
-            "validate_serving_input": False,
-        },
+        "pt2": pt2_options(net, (3, args.size, args.size)),  # as conkd.tracking.log_model
         "pickle": {"serialization_format": "pickle"},
     }
     seconds: dict[str, list[float]] = {k: [] for k in options}

@@ -392,6 +392,21 @@ def _record_best(
     return [Metric("best_value", best["value"], 0, 0)], params, tags
 
 
+def _sweep_study(
+    sweeper: Any, rows: list[dict[str, Any]], keys: list[str], direction: str, finished: bool
+) -> tuple[Any, dict[str, int] | None]:
+    """The sweep's Optuna study and its trial counts by state: the sweeper's own study (from its
+    storage), or for a plain multirun one built from the finished child runs (no counts)."""
+    if sweeper.get("storage") and sweeper.get("study_name"):
+        import optuna
+
+        storage = open_storage(sweeper.storage)
+        study = optuna.load_study(study_name=sweeper.study_name, storage=storage)
+        states = [t.state.name for t in study.trials]
+        return study, {s: states.count(s) for s in sorted(set(states))}
+    return (_study_from_rows(rows, keys, direction) if finished else None), None
+
+
 def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_dir: Path) -> dict:
     """Best trial, failure list, plots and a re-run command, logged on the parent run."""
     from mlflow.entities import Metric
@@ -418,17 +433,9 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
             if r["status"] == "FAILED"
         ],
     }
-    if sweeper.get("storage") and sweeper.get("study_name"):
-        import optuna
-
-        study = optuna.load_study(
-            study_name=sweeper.study_name, storage=open_storage(sweeper.storage)
-        )
-        states = [t.state.name for t in study.trials]
-        summary["optuna_states"] = {s: states.count(s) for s in sorted(set(states))}
-    else:
-        study = _study_from_rows(rows, keys, direction) if finished else None
-
+    study, states = _sweep_study(sweeper, rows, keys, direction, bool(finished))
+    if states is not None:
+        summary["optuna_states"] = states
     metrics = [
         Metric("sweep/n_runs", len(rows), 0, 0),
         Metric("sweep/n_failed", len(summary["failures"]), 0, 0),

@@ -479,6 +479,37 @@ def export_signature(model: Any, example: Any) -> Any:
     )
 
 
+def pt2_options(model: Any, input_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """``mlflow.pytorch.log_model`` arguments for the ``pt2`` format: ``model`` (in eval mode)
+    traced on a batch of two ``input_shape`` images, the batch size left free."""
+    import torch
+
+    example = torch.zeros(2, *input_shape)
+    return {
+        "serialization_format": "pt2",
+        "input_example": example.numpy(),
+        "signature": export_signature(model, example),
+        # the pyfunc server's check wants one output tensor; the network returns a dict
+        "validate_serving_input": False,
+    }
+
+
+def _log_network(
+    model: Any, input_shape: tuple[int, int, int], common: dict[str, Any]
+) -> tuple[Any, str]:
+    """Log ``model`` as ``pt2``; one that ``torch.export`` cannot trace as pickle, warned."""
+    import mlflow
+
+    try:
+        options = pt2_options(model, input_shape)
+        return with_retry(mlflow.pytorch.log_model, model, **options, **common), "pt2"
+    except Exception as err:  # torch.export could not trace this network
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        log.warning("MLflow: the network did not export (%s); logged as pickle", first)
+        info = with_retry(mlflow.pytorch.log_model, model, serialization_format="pickle", **common)
+        return info, "pickle"
+
+
 def log_model(
     tracker: Tracker,
     model: Any,
@@ -497,7 +528,6 @@ def log_model(
     """
     if not tracker.enabled:
         return None
-    import mlflow
     import torch
     import torchvision
 
@@ -515,28 +545,9 @@ def log_model(
     }
     was_training = model.training
     model.eval()
-    example = torch.zeros(2, *input_shape)
     try:
         with tracker.active():
-            try:
-                info = with_retry(
-                    mlflow.pytorch.log_model,
-                    model,
-                    serialization_format="pt2",
-                    input_example=example.numpy(),
-                    signature=export_signature(model, example),
-                    # the pyfunc server's check wants one output tensor; the network has a dict
-                    validate_serving_input=False,
-                    **common,
-                )
-                fmt = "pt2"
-            except Exception as err:  # torch.export could not trace this network
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-                log.warning("MLflow: the network did not export (%s); logged as pickle", first)
-                info = with_retry(
-                    mlflow.pytorch.log_model, model, serialization_format="pickle", **common
-                )
-                fmt = "pickle"
+            info, fmt = _log_network(model, input_shape, common)
     finally:
         model.train(was_training)
     # MLflow 3 keeps models outside runs:/
