@@ -20,7 +20,6 @@ Uses a generated 3-class image folder (no download). Prints a report; the last l
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -34,7 +33,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, scratch_dir  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    ROOT,
+    parser,
+    scratch_dir,
+    tiny_overrides,
+    train_cmd,
+    train_env,
+)
 from tests.conftest import write_image_folder  # noqa: E402
 
 #: Metrics that measure time, not the computation.
@@ -50,24 +56,17 @@ def run_overrides(data: Path, work: Path, epochs: int, steps: int) -> list[str]:
     """A small Lion-trained ResNet-18 run with a resumable checkpoint after every step."""
     return [
         "experiment=teacher", "model=resnet18", "optimizer=lion", "mlflow.register=null",
-        "mlflow.log_model=false", "dataset=imagefolder", f"dataset.root={data}",
-        "dataset.image_size=32", "dataset.batch_size=8", "dataset.eval_batch_size=16",
-        "dataset.num_workers=0", "dataset.val_fraction=0.2", "model.small_stem=false",
-        f"trainer.epochs={epochs}", f"trainer.max_steps_per_epoch={steps}",
-        "trainer.progress=false", "trainer.checkpoint_every_steps=1",
-        f"paths.cache_dir={work / 'cache'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+        "mlflow.log_model=false", *tiny_overrides(data, work, epochs, steps),
+        "dataset.eval_batch_size=16", "trainer.checkpoint_every_steps=1",
     ]  # fmt: skip
 
 
 def start(args: list[str], nproc: int = 1) -> subprocess.Popen:
     """``train.py args`` in its own process group; with ``nproc`` > 1 under torchrun (gloo)."""
-    env = {**os.environ, "CONKD_ROOT": str(ROOT)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.Popen(
-        [sys.executable, *(launcher if nproc > 1 else []), str(ROOT / "train.py"), *args],
+        train_cmd(*args, torchrun=nproc if nproc > 1 else None),
         cwd=ROOT,
-        env=env,
+        env=train_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -214,12 +213,9 @@ def sweep_overrides(data: Path, work: Path) -> list[str]:
         "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.seed=0",
         "hydra.sweep.subdir=trial_${optuna.trial}", f"hydra.sweep.dir={work / 'sweep'}",
         f"hydra.sweeper.storage=sqlite:///{work / 'optuna.db'}", "hydra.sweeper.study_name=fault",
-        "mlflow.log_model=false", "mlflow.log_checkpoint=false", "dataset=imagefolder",
-        f"dataset.root={data}", "dataset.image_size=32", "dataset.batch_size=8",
-        "dataset.eval_batch_size=16", "dataset.num_workers=0", "dataset.val_fraction=0.2",
-        "model.small_stem=false", "trainer.epochs=3", "trainer.max_steps_per_epoch=3",
-        "trainer.progress=false", "trainer.checkpoint_every_steps=1",
-        f"paths.cache_dir={work / 'cache'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+        "mlflow.log_model=false", "mlflow.log_checkpoint=false",
+        *tiny_overrides(data, work, epochs=3, steps=3), "dataset.eval_batch_size=16",
+        "trainer.checkpoint_every_steps=1",
     ]  # fmt: skip
 
 
@@ -295,16 +291,12 @@ def fault_sweep(work: Path, data: Path, seed: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--kills", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4, help="steps per epoch (batch 8)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun, gloo)")
-    ap.add_argument("--sweep", action="store_true", help="also kill a sweep twice")
-    ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary working folder")
-    args = ap.parse_args()
+    args = parser(
+        __doc__, kills=5, epochs=3, steps=(4, "steps per epoch (batch 8)"), seed=0,
+        nproc=(1, "processes per run (torchrun, gloo)"), sweep=(False, "also kill a sweep twice"),
+        work=(None, "working folder (default: a temporary one)"),
+        keep=(False, "keep the temporary working folder"),
+    ).parse_args()  # fmt: skip
     work = Path(args.work) if args.work else scratch_dir("conkd_fault_", args.keep)
     data = write_dataset(work / "data")
     run = fault_run(work, data, args.kills, args.epochs, args.steps, args.seed, args.nproc)

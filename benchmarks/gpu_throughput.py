@@ -20,73 +20,34 @@ checks the script itself on a machine without a GPU.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
-import time
 from pathlib import Path
 
-from _common import ROOT, compose, missing_dataset  # noqa: E402
+from _common import (
+    DATA,
+    QUIET,
+    cache_metas,
+    dataset_overrides,
+    epoch_rate,
+    missing_dataset,
+    parser,
+    setup_parts,
+    train_teacher,
+)
 
 
 def throughput(overrides: list[str], steps: int) -> tuple[float, object]:
     """img/s of ``steps`` training steps (after one warm-up epoch of 3 steps)."""
-    import torch
-
-    from conkd.engine import TrainState, train_one_epoch
-    from conkd.run import setup
-
-    parts = setup(compose(overrides), None)
-    train_one_epoch(parts.job, parts.data.train_loader(0), 0, TrainState())  # warm-up / compile
-    if parts.job.device.type == "cuda":
-        torch.cuda.synchronize()
+    parts = setup_parts(overrides)
+    epoch_rate(parts, 0, 3)  # warm-up / compile
     parts.job.options.max_steps = steps
-    start = time.perf_counter()
-    train_one_epoch(parts.job, parts.data.train_loader(1), 1, TrainState())
-    if parts.job.device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * parts.data.batch_size / (time.perf_counter() - start), parts
+    return epoch_rate(parts, 1, steps, count_loader=True)[0], parts
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
-    ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--compile", default="false,true", help="trainer.compile settings to time")
-    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "conkd-gpu-bench"))
-    args = ap.parse_args()
-    data = Path(args.data)
-    if missing_dataset(args.data):
-        return 0
-    import torch
-
-    from conkd.run import resolve_device, run
-
-    device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    work = Path(args.workdir)
-    fast = "bf16" if device.type == "cuda" else "32"
-    common = [
-        "dataset=imagefolder",
-        f"dataset.root={data}",
-        "dataset.source.verify=false",
-        f"dataset.image_size={args.image_size}",
-        f"dataset.batch_size={args.batch_size}",
-        "dataset.num_workers=4",
-        f"dataset.decode.dir={work}/decoded",
-        f"trainer.device={args.device}",
-        f"trainer.precision={fast}",
-        "trainer.channels_last=true",
-        "trainer.max_steps_per_epoch=3",
-        "trainer.epochs=2",
-        "trainer.progress=false",
-        "mlflow.enabled=false",
-    ]
+def ce_throughputs(common: list[str], compiles: list[str], work: Path, steps: int) -> dict:
+    """1.: img/s of the teacher and the student trained with CE, per ``trainer.compile``."""
     results: dict[str, float] = {}
-    for compiled in args.compile.split(","):
+    for compiled in compiles:
         for who, arch in (("teacher", "resnet101"), ("student", "resnet18")):
             ips, _ = throughput(
                 [
@@ -97,33 +58,51 @@ def main() -> int:
                     f"trainer.compile={compiled}",
                     f"paths.output_dir={work}/{who}{compiled}",
                 ],
-                args.steps,
+                steps,
             )
             results[f"{who} {arch} CE, compile={compiled}"] = ips
-    # a teacher checkpoint to distil from (2 quick steps)
-    run(
-        compose(
-            [
-                *common,
-                "experiment=teacher",
-                "trainer.epochs=1",
-                "trainer.max_steps_per_epoch=2",
-                f"paths.output_dir={work}/t",
-            ]
-        )
-    )
+    return results
+
+
+def main() -> int:
+    args = parser(
+        __doc__, data=DATA, image_size=128, batch_size=128, steps=30, device="auto",
+        compile=("false,true", "trainer.compile settings to time"),
+        workdir=str(Path(tempfile.gettempdir()) / "conkd-gpu-bench"),
+    ).parse_args()  # fmt: skip
+    if missing_dataset(args.data):
+        return 0
+    import torch
+
+    from conkd.builders import resolve_device
+
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    work = Path(args.workdir)
+    fast = "bf16" if device.type == "cuda" else "32"
+    common = [
+        *dataset_overrides(args.data, args.image_size, args.batch_size, work, workers=4),
+        f"trainer.device={args.device}",
+        f"trainer.precision={fast}",
+        "trainer.channels_last=true",
+        "trainer.max_steps_per_epoch=3",
+        "trainer.epochs=2",
+        *QUIET,
+    ]
+    results = ce_throughputs(common, args.compile.split(","), work, args.steps)
+    teacher = train_teacher(common, f"{work}/t")  # a checkpoint to distil from
     cache_dir = Path(tempfile.mkdtemp(dir=work, prefix="cache-"))
     student = [
         *common,
         "loss=lsd+supcon",
         "optimizer=lion",
         f"teacher_cache.dir={cache_dir}",
-        f"teacher_ckpt={work}/t/checkpoints/best.pt",
+        teacher,
         f"paths.output_dir={work}/s",
         f"trainer.max_steps_per_epoch={args.steps}",
     ]
     ips, parts = throughput(student, args.steps)
-    (meta,) = [json.loads(m.read_text()) for m in cache_dir.glob("*/meta.json")]
+    (meta,) = cache_metas(cache_dir)
     stored = meta["epochs"] * min(args.steps * args.batch_size, meta["n_train"]) + meta["n_val"]
     results["teacher cache build (resnet101 forward + store)"] = stored / meta["build_seconds"]
     results["student lsd+supcon lion from cache, input pipeline included"] = ips

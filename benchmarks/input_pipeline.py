@@ -3,7 +3,7 @@
 Measures, in one process and one after the other (never concurrently):
 
 (a) images/s of the decoded pipeline alone: gathering rows from the memory-mapped uint8 array and
-    augmenting the batch with tensor ops (the train transform), i.e. ``DataModule.train_loader``
+    augmenting the batch with tensor ops (the train transform), i.e. ``DataModule.loaders().train``
     with ``dataset.decode`` on;
 (b) images/s of a ResNet-18 student training step (forward, cross-entropy, backward, AdamW) on
     batches made beforehand, i.e. what the input pipeline has to keep up with;
@@ -21,19 +21,18 @@ the arrays).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from _common import DATA, parser
 from torch import nn
 
-from conkd.data import DataModule, ImageFolderSource
+from conkd.data import DataModule
 from conkd.models import Network
-
-ROOT = Path(__file__).resolve().parents[1]
+from conkd.sources import ImageFolderSource
 
 
 def time_loader(loader: Iterable, steps: int, warmup: int) -> tuple[float, list]:
@@ -80,17 +79,15 @@ def time_train_steps(model: nn.Module, batches: list, steps: int, warmup: int) -
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20, help="timed batches / steps per measurement")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed batches / steps before each")
-    ap.add_argument("--cache-dir", default="/tmp/conkd-bench-cache", help="decoded arrays")
-    ap.add_argument("--decode-size", type=int, default=None, help="default: 1.15 x image size")
-    ap.add_argument("--workers", type=int, default=2, help="PIL loader and decoding workers")
-    ap.add_argument("--skip-pil", action="store_true", help="skip the PIL DataLoader timing")
-    args = ap.parse_args()
+    args = parser(
+        __doc__, root=DATA, image_size=64, batch_size=64,
+        steps=(20, "timed batches / steps per measurement"),
+        warmup=(2, "untimed batches / steps before each"),
+        cache_dir=("/tmp/conkd-bench-cache", "decoded arrays"),
+        decode_size={"type": int, "default": None, "help": "default: 1.15 x image size"},
+        workers=(2, "PIL loader and decoding workers"),
+        skip_pil=(False, "skip the PIL DataLoader timing"),
+    ).parse_args()  # fmt: skip
 
     root = Path(args.root).expanduser()
     if not (root / "train").is_dir():
@@ -112,13 +109,13 @@ def main() -> int:
         flush=True,
     )
 
-    decoded_rate, batches = time_loader(data.train_loader(0), args.steps, args.warmup)
+    decoded_rate, batches = time_loader(data.loaders().train(0), args.steps, args.warmup)
     model = Network("resnet18", data.num_classes, image_size=args.image_size)
     step_rate = time_train_steps(model, batches, args.steps, args.warmup)
 
     if not args.skip_pil:
         pil = DataModule(source, **common)
-        pil_rate, _ = time_loader(pil.train_loader(0), args.steps, 1)
+        pil_rate, _ = time_loader(pil.loaders().train(0), args.steps, 1)
         print(f"PIL DataLoader ({args.workers} workers):     {pil_rate:8.0f} img/s")
     print(f"decoded pipeline (gather + augment): {decoded_rate:8.0f} img/s")
     print(f"ResNet-18 train step (AdamW, CE):    {step_rate:8.0f} img/s")

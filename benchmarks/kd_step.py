@@ -13,82 +13,52 @@ Prints images/s of each and, last, ``ratio kd(cache)/ce step time: X.XX`` (targe
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-import time
-from pathlib import Path
-
-from _common import ROOT, compose, missing_dataset, scratch_dir  # noqa: E402
+from _common import (
+    CACHE_DIR,
+    DATA,
+    QUIET,
+    abba,
+    dataset_overrides,
+    epoch_rate,
+    missing_dataset,
+    parser,
+    scratch_dir,
+    setup_parts,
+    train_teacher,
+)
 
 
 def timed_epoch(overrides: list[str], epoch: int, steps: int) -> float:
     """Images/s of one epoch of ``steps`` steps through the project's loop."""
-    from conkd.engine import TrainState, train_one_epoch
-    from conkd.run import setup
-
-    parts = setup(compose(overrides), None)
-    loader = parts.data.train_loader(epoch)
-    start = time.perf_counter()
-    train_one_epoch(parts.job, loader, epoch, TrainState())
-    return steps * parts.data.batch_size / (time.perf_counter() - start)
+    return epoch_rate(setup_parts(overrides), epoch, steps)[0]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--online", action="store_true", help="also time the online teacher")
-    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "conkd-bench-cache"))
-    ap.add_argument("--keep", action="store_true", help="keep the working folder")
-    args = ap.parse_args()
-
-    data = Path(args.data)
+    args = parser(
+        __doc__, data=DATA, image_size=64, batch_size=64, steps=20, rounds=4,
+        online=(False, "also time the online teacher"), cache_dir=CACHE_DIR, keep=False,
+    ).parse_args()  # fmt: skip
     if missing_dataset(args.data):
         return 0
-    from conkd.run import run
-
     out = scratch_dir("conkd-bench-kd-", args.keep)
     rounds = args.rounds
     common = [
-        "dataset=imagefolder",
-        f"dataset.root={data}",
-        "dataset.source.verify=false",
-        f"dataset.image_size={args.image_size}",
-        f"dataset.batch_size={args.batch_size}",
-        f"dataset.decode.dir={args.cache_dir}/decoded",
+        *dataset_overrides(args.data, args.image_size, args.batch_size, args.cache_dir),
         f"teacher_cache.dir={out}/teacher_cache",
-        "trainer.progress=false",
+        *QUIET,
         "trainer.device=cpu",
         f"trainer.epochs={rounds + 1}",
         f"trainer.max_steps_per_epoch={args.steps}",
-        "mlflow.enabled=false",
     ]
-    # a small ResNet-101 teacher (its accuracy does not matter for timing)
-    run(
-        compose(
-            [
-                *common,
-                "experiment=teacher",
-                "trainer.epochs=1",
-                "trainer.max_steps_per_epoch=2",
-                f"paths.output_dir={out}/teacher",
-            ]
-        )
-    )
-    teacher = f"teacher_ckpt={out}/teacher/checkpoints/best.pt"
+    teacher = train_teacher(common, f"{out}/teacher")
     ce = [*common, "loss=ce", f"paths.output_dir={out}/ce"]
     kd = [*common, "loss=lsd+supcon", teacher, f"paths.output_dir={out}/kd"]
     online = [*kd, "teacher_cache.enabled=false"]
     timed_epoch(kd, 0, args.steps)  # builds the cache (all epochs), outside the timing
     results: dict[str, list[float]] = {"ce": [], "kd (cache)": [], "kd (online)": []}
     sides = {"ce": ce, "kd (cache)": kd, **({"kd (online)": online} if args.online else {})}
-    for r in range(rounds):
-        order = list(sides) if r % 2 == 0 else list(reversed(sides))  # ABBA: no order bias
-        for name in order:
-            results[name].append(timed_epoch(sides[name], r + 1, args.steps))
+    for r, name in abba(sides, rounds):
+        results[name].append(timed_epoch(sides[name], r + 1, args.steps))
     import torch
 
     print(

@@ -15,20 +15,28 @@ Prints images/s of each and, last, ``ratio conkd/minimal: X.XX`` (target >= 0.95
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torchvision
-from _common import ROOT, compose, missing_dataset, scratch_dir
+from _common import (
+    CACHE_DIR,
+    DATA,
+    QUIET,
+    dataset_overrides,
+    epoch_rate,
+    missing_dataset,
+    parser,
+    scratch_dir,
+    setup_parts,
+)
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from conkd.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from conkd.models import Network  # noqa: E402
+from conkd.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def minimal_loop(root: Path, size: int, batch: int, workers: int, steps: int) -> float:
@@ -60,31 +68,17 @@ def minimal_loop(root: Path, size: int, batch: int, workers: int, steps: int) ->
 
 def conkd_loop(overrides: list[str], steps: int, epoch: int) -> float:
     """The project's path: composed config, ``setup``, one epoch of ``train_one_epoch``."""
-    from conkd.engine import TrainState, train_one_epoch
-    from conkd.run import setup
-
-    parts = setup(compose([*overrides, f"trainer.max_steps_per_epoch={steps}"]), None)
-    loader = parts.data.train_loader(epoch)
-    start = time.perf_counter()
-    metrics = train_one_epoch(parts.job, loader, epoch, TrainState())
-    elapsed = time.perf_counter() - start
+    parts = setup_parts([*overrides, f"trainer.max_steps_per_epoch={steps}"])
+    rate, metrics = epoch_rate(parts, epoch, steps)
     assert metrics["train/loss"] > 0
-    return steps * parts.data.batch_size / elapsed
+    return rate
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--pil", action="store_true", help="ConKD side on the PIL path too")
-    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "conkd-bench-cache"))
-    ap.add_argument("--keep", action="store_true", help="keep the working folder")
-    args = ap.parse_args()
-
+    args = parser(
+        __doc__, data=DATA, image_size=64, batch_size=64, workers=2, steps=20, rounds=2,
+        pil=(False, "ConKD side on the PIL path too"), cache_dir=CACHE_DIR, keep=False,
+    ).parse_args()  # fmt: skip
     data = Path(args.data)
     if missing_dataset(args.data):
         return 0
@@ -96,17 +90,12 @@ def main() -> int:
         "optimizer=adamw",
         "optimizer.lr=1e-3",
         "scheduler=none",
-        "dataset=imagefolder",
-        f"dataset.root={data}",
-        "dataset.source.verify=false",
-        f"dataset.image_size={args.image_size}",
-        f"dataset.batch_size={args.batch_size}",
-        f"dataset.num_workers={args.workers}",
+        *dataset_overrides(
+            data, args.image_size, args.batch_size, args.cache_dir, workers=args.workers
+        ),
         f"dataset.decode.enabled={str(not args.pil).lower()}",
-        f"dataset.decode.dir={args.cache_dir}/decoded",
-        "trainer.progress=false",
+        *QUIET,
         "trainer.device=cpu",
-        "mlflow.enabled=false",
         f"paths.output_dir={out}",
     ]
     torch.set_num_threads(torch.get_num_threads())

@@ -11,15 +11,21 @@ process's peak RSS (``ru_maxrss``).
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import missing_dataset, scratch_dir  # noqa: E402
+from _common import (
+    CACHE_DIR,
+    DATA,
+    QUICK_TEACHER,
+    QUIET,
+    ROOT,
+    dataset_overrides,
+    missing_dataset,
+    parser,
+    scratch_dir,
+    train_cmd,
+)
 
 #: Runs a command and prints the peak RSS (KiB on Linux) of that child alone.
 _PEAK = (
@@ -30,7 +36,7 @@ _PEAK = (
 
 
 def peak_rss_mb(*overrides: str) -> float:
-    cmd = [sys.executable, "-c", _PEAK, sys.executable, str(ROOT / "train.py"), *overrides]
+    cmd = [sys.executable, "-c", _PEAK, *train_cmd(*overrides)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"train.py failed:\n{res.stderr[-3000:]}")
@@ -39,35 +45,20 @@ def peak_rss_mb(*overrides: str) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "conkd-bench-cache"))
-    ap.add_argument("--keep", action="store_true", help="keep the working folder")
-    args = ap.parse_args()
-    data = Path(args.data)
+    args = parser(
+        __doc__, data=DATA, image_size=64, steps=10, cache_dir=CACHE_DIR, keep=False
+    ).parse_args()
     if missing_dataset(args.data):
         return 0
     out = scratch_dir("conkd-bench-mem-", args.keep)
     common = [
-        "dataset=imagefolder",
-        f"dataset.root={data}",
-        "dataset.source.verify=false",
-        f"dataset.image_size={args.image_size}",
-        f"dataset.decode.dir={args.cache_dir}/decoded",
+        *dataset_overrides(args.data, args.image_size, cache_dir=args.cache_dir),
         f"teacher_cache.dir={out}/teacher_cache",
         "trainer.epochs=1",
         f"trainer.max_steps_per_epoch={args.steps}",
-        "trainer.progress=false",
-        "mlflow.enabled=false",
+        *QUIET,
     ]
-    peak_rss_mb(
-        *common,
-        "experiment=teacher",
-        "trainer.max_steps_per_epoch=2",
-        f"hydra.run.dir={out}/teacher",
-    )
+    peak_rss_mb(*common, *QUICK_TEACHER, f"hydra.run.dir={out}/teacher")
     student = [
         *common,
         "loss=lsd+supcon",

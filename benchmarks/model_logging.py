@@ -9,20 +9,16 @@ sizes, whether the loaded ``pt2`` model reproduces the network's logits, and the
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
-from _common import scratch_dir
+from _common import abba, parser, scratch_dir
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--arch", default="resnet101")
-    ap.add_argument("--size", type=int, default=32, help="image size (px)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--keep", action="store_true", help="keep the working folder")
-    args = ap.parse_args()
+    args = parser(
+        __doc__, arch="resnet101", size=(32, "image size (px)"), rounds=2, keep=False
+    ).parse_args()
 
     import mlflow
     import torch
@@ -44,13 +40,12 @@ def main() -> int:
     }
     seconds: dict[str, list[float]] = {k: [] for k in options}
     uris: dict[str, str] = {}
-    for r in range(args.rounds):
-        for fmt in list(options)[:: 1 if r % 2 == 0 else -1]:
-            with mlflow.start_run():
-                start = time.perf_counter()
-                info = mlflow.pytorch.log_model(net, name="model", **options[fmt])
-                seconds[fmt].append(time.perf_counter() - start)
-                uris[fmt] = info.model_uri
+    for _, fmt in abba(options, args.rounds):
+        with mlflow.start_run():
+            start = time.perf_counter()
+            info = mlflow.pytorch.log_model(net, name="model", **options[fmt])
+            seconds[fmt].append(time.perf_counter() - start)
+            uris[fmt] = info.model_uri
     x = torch.randn(5, 3, args.size, args.size)
     with torch.no_grad():
         same = torch.equal(mlflow.pytorch.load_model(uris["pt2"])(x)["logits"], net(x)["logits"])

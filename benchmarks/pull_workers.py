@@ -17,7 +17,6 @@ trial. Prints both wall times and, last, the ratio pull / batched.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -25,31 +24,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, scratch_dir  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    ROOT,
+    parser,
+    scratch_dir,
+    study_stats,
+    tiny_overrides,
+    train_cmd,
+    train_env,
+)
 from benchmarks.fault_resume import write_dataset  # noqa: E402
 from tests.servers import postgres  # noqa: E402
 
 
 def sweep_args(data: Path, work: Path, name: str, storage: str, args: argparse.Namespace) -> list:
-    return [
-        sys.executable, str(ROOT / "train.py"), "-m", "hydra/sweeper=conkd_optuna",
+    return train_cmd(
+        "-m", "hydra/sweeper=conkd_optuna",
         "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=2",
         "stage=teacher", "loss=ce", "teacher_ckpt=null", "model=resnet18", "optimizer=adamw",
         "optimizer.lr=tag(log, interval(1e-5, 1e-1))", f"hydra.sweeper.n_trials={args.trials}",
         "hydra.sweeper.sampler.seed=0", f"hydra.sweeper.study_name={name}",
         f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={work / name}",
-        "hydra.sweep.subdir=trial_${optuna.trial}", "dataset=imagefolder",
-        f"dataset.root={data}", "dataset.image_size=32", "dataset.batch_size=8",
-        "dataset.num_workers=0", "dataset.val_fraction=0.2", "model.small_stem=false",
-        f"trainer.epochs={args.epochs}", f"trainer.max_steps_per_epoch={args.steps}",
-        "trainer.progress=false", "mlflow.log_model=false", "mlflow.log_checkpoint=false",
-        f"paths.cache_dir={work / 'cache'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-    ]  # fmt: skip
+        "hydra.sweep.subdir=trial_${optuna.trial}",
+        *tiny_overrides(data, work, args.epochs, args.steps),
+        "mlflow.log_model=false", "mlflow.log_checkpoint=false",
+    )  # fmt: skip
 
 
 def run_all(cmds: list[list[str]]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONKD_ROOT": str(ROOT)}
-    env.pop("HYDRA_FULL_ERROR", None)
+    env = train_env(OMP_NUM_THREADS="1")
     start = time.perf_counter()
     procs = [
         subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -63,21 +66,12 @@ def run_all(cmds: list[list[str]]) -> float:
 
 
 def summary(storage: str, name: str) -> str:
-    import optuna
-
-    trials = optuna.load_study(study_name=name, storage=storage).trials
-    states = [t.state.name for t in trials]
-    epochs = sum(len(t.intermediate_values) for t in trials)
-    return f"{len(trials)} trials ({states.count('PRUNED')} pruned), {epochs} epochs"
+    s = study_stats(name, storage)
+    return f"{s['trials']} trials ({s['pruned']} pruned), {s['epochs']} epochs"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--trials", type=int, default=6)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--keep", action="store_true", help="keep the working folder")
-    args = ap.parse_args()
+    args = parser(__doc__, trials=6, epochs=4, steps=8, keep=False).parse_args()
     work = scratch_dir("conkd_pull_", args.keep)
     data = write_dataset(work / "data", per_class_train=40)
     with postgres(work) as pg:

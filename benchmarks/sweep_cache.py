@@ -21,31 +21,26 @@ matter here, only its cost). Prints a table and, last, the ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import optuna
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import missing_dataset  # noqa: E402
-
-
-def train(*overrides: str) -> float:
-    """Run train.py with ``overrides``; returns the wall time in seconds."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides]
-    print("$", " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.perf_counter() - start
+from _common import (
+    DATA,
+    ROOT,
+    cache_metas,
+    dataset_overrides,
+    dated_dir,
+    lion_sweep,
+    missing_dataset,
+    parser,
+    sweep_teacher,
+    timed_train,
+)
 
 
 def cache_build_seconds(cache_dir: Path) -> float:
     """Build time recorded by the teacher cache(s) under ``cache_dir``."""
-    return sum(json.loads(m.read_text())["build_seconds"] for m in cache_dir.glob("*/meta.json"))
+    return sum(meta["build_seconds"] for meta in cache_metas(cache_dir))
 
 
 def sweeps_a(sweep, common: list[str], out: Path, trials: int, epochs: int) -> dict[str, dict]:
@@ -59,7 +54,7 @@ def sweeps_a(sweep, common: list[str], out: Path, trials: int, epochs: int) -> d
     wds = [t.params["optimizer.weight_decay"] for t in rows["a_cached"]["study"].trials]
     start = time.perf_counter()
     for i, (lr, wd) in enumerate(zip(lrs, wds)):
-        train(
+        timed_train(
             *common,
             "loss=ce",
             f"optimizer.lr={lr}",
@@ -102,20 +97,13 @@ def print_report(rows: dict[str, dict], args: argparse.Namespace, data: Path) ->
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
-    ap.add_argument("--trials", type=int, default=4)
-    ap.add_argument("--fast-trials", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40, help="training steps per epoch (batch 64)")
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--teacher-ckpt", default=None)
-    ap.add_argument("--only", choices=("a", "b"), default=None)
-    ap.add_argument(
-        "--fast-fp32", action="store_true", help="(b): no bf16 + channels_last on the fast side"
-    )
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_sweep_cache"))
-    return ap.parse_args()
+    return parser(
+        __doc__, data=DATA, trials=4, fast_trials=8, epochs=3,
+        steps=(40, "training steps per epoch (batch 64)"), image_size=64, teacher_ckpt=None,
+        only={"choices": ("a", "b"), "default": None},
+        fast_fp32=(False, "(b): no bf16 + channels_last on the fast side"),
+        out=str(ROOT / "outputs" / "bench_sweep_cache"),
+    ).parse_args()  # fmt: skip
 
 
 def main() -> int:
@@ -124,16 +112,9 @@ def main() -> int:
     data = Path(args.data)
     if missing_dataset(args.data):
         return 0
-    out = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True)
-    storage = f"sqlite:///{out / 'optuna.db'}"
+    out = dated_dir(args.out)
     common = [
-        "dataset=imagefolder",
-        f"dataset.root={data}",
-        "dataset.source.verify=false",
-        f"dataset.image_size={args.image_size}",
-        "dataset.batch_size=64",
-        f"dataset.decode.dir={out / 'decoded'}",
+        *dataset_overrides(data, args.image_size, 64, out),
         f"trainer.max_steps_per_epoch={args.steps}",
         f"trainer.epochs={args.epochs}",
         "trainer.progress=false",
@@ -141,19 +122,11 @@ def main() -> int:
         "mlflow.log_checkpoint=false",
         f"mlflow.tracking_uri=sqlite:///{out / 'mlruns' / 'mlflow.db'}",
     ]
-    teacher = args.teacher_ckpt
-    if teacher is None:
-        train(
-            "experiment=teacher",
-            *common,
-            "trainer.epochs=1",
-            "trainer.max_steps_per_epoch=5",
-            "mlflow.register=null",
-            f"hydra.run.dir={out / 'teacher'}",
-        )
-        teacher = str(out / "teacher" / "checkpoints" / "best.pt")
+    teacher = sweep_teacher(
+        args.teacher_ckpt, common, out, "trainer.epochs=1", "trainer.max_steps_per_epoch=5"
+    )
     # warm the decoded arrays once, so no sweep below pays for (or is spared) their build
-    train(
+    timed_train(
         *common,
         "loss=ce",
         "trainer.epochs=1",
@@ -162,26 +135,7 @@ def main() -> int:
     )
 
     def sweep(name: str, trials: int, *extra: str) -> dict[str, float]:
-        wall = train(
-            "-m",
-            "hparams_search=conkd_lion",
-            f"teacher_ckpt={teacher}",
-            *common,
-            f"hydra.sweeper.n_trials={trials}",
-            f"hydra.sweeper.storage={storage}",
-            f"hydra.sweeper.study_name={name}",
-            f"hydra.sweep.dir={out / name}",
-            *extra,
-        )
-        study = optuna.load_study(study_name=name, storage=storage)
-        done = [t for t in study.trials if t.state.name == "COMPLETE"]
-        return {
-            "wall_s": wall,
-            "epochs": sum(len(t.intermediate_values) for t in study.trials),
-            "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
-            "best": max(t.value for t in done) if done else float("nan"),
-            "study": study,
-        }
+        return lion_sweep(out, name, trials, f"teacher_ckpt={teacher}", *common, *extra)
 
     rows: dict[str, dict] = {}
     if args.only in (None, "a"):

@@ -12,46 +12,32 @@ Without ``--teacher-ckpt`` it first trains a small ResNet-101 teacher on the sam
 
 from __future__ import annotations
 
-import argparse
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import optuna
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import missing_dataset  # noqa: E402
-
-
-def train(*overrides: str) -> None:
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+from _common import (
+    DATA,
+    ROOT,
+    dataset_overrides,
+    dated_dir,
+    lion_sweep,
+    missing_dataset,
+    parser,
+    sweep_teacher,
+)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "imagenette"))
-    ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=40, help="training steps per epoch (batch 64)")
-    ap.add_argument("--teacher-ckpt", default=None)
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench_pruning"))
-    args = ap.parse_args()
-
-    data = Path(args.data)
+    args = parser(
+        __doc__, data=DATA, trials=8, epochs=4, image_size=32,
+        steps=(40, "training steps per epoch (batch 64)"), teacher_ckpt=None,
+        out=str(ROOT / "outputs" / "bench_pruning"),
+    ).parse_args()  # fmt: skip
     if missing_dataset(args.data):
         return 0
-    out = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True)
+    data = Path(args.data)
+    out = dated_dir(args.out)
     common = [
-        "dataset=imagefolder",
-        f"dataset.root={data}",
-        f"dataset.image_size={args.image_size}",
-        "dataset.batch_size=64",
+        *dataset_overrides(data, args.image_size, 64, verify=True),
         "model.small_stem=false",
         "teacher.small_stem=false",
         f"trainer.max_steps_per_epoch={args.steps}",
@@ -59,43 +45,19 @@ def main() -> int:
         "mlflow.log_model=false",
         "mlflow.experiment_name=bench-pruning",
     ]
-    teacher = args.teacher_ckpt
-    if teacher is None:
-        train(
-            "experiment=teacher",
-            *common,
-            "trainer.epochs=3",
-            "mlflow.register=null",
-            f"hydra.run.dir={out / 'teacher'}",
-        )
-        teacher = str(out / "teacher" / "checkpoints" / "best.pt")
-
-    storage = f"sqlite:///{out / 'optuna.db'}"
-    results = {}
-    for pruner in ("median", "none"):
-        start = time.perf_counter()
-        train(
-            "-m",
-            "hparams_search=conkd_lion",
+    teacher = sweep_teacher(args.teacher_ckpt, common, out, "trainer.epochs=3")
+    results = {
+        pruner: lion_sweep(
+            out,
+            pruner,
+            args.trials,
             f"teacher_ckpt={teacher}",
             *common,
             f"trainer.epochs={args.epochs}",
             f"hydra/sweeper/pruner={pruner}",
-            f"hydra.sweeper.n_trials={args.trials}",
-            f"hydra.sweeper.storage={storage}",
-            f"hydra.sweeper.study_name={pruner}",
-            f"hydra.sweep.dir={out / pruner}",
         )
-        wall = time.perf_counter() - start
-        study = optuna.load_study(study_name=pruner, storage=storage)
-        epochs = sum(len(t.intermediate_values) for t in study.trials)
-        finished = [t for t in study.trials if t.state.name == "COMPLETE"]
-        results[pruner] = {
-            "epochs": epochs,
-            "best": max(t.value for t in finished),
-            "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
-            "wall_s": wall,
-        }
+        for pruner in ("median", "none")
+    }
 
     budget = args.trials * args.epochs
     print(

@@ -14,20 +14,15 @@ Prints images/s per setting and, last, each setting's speed-up over plain fp32.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _common import parser
 from lion_pytorch import Lion
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from conkd.engine import autocast  # noqa: E402
-from conkd.models import Network  # noqa: E402
+from conkd.engine import autocast
+from conkd.models import Network
 
 
 def make(setting: str, size: int, arch: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -56,15 +51,11 @@ def images_per_s(setting: str, model, opt, batches, device: torch.device) -> flo
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--settings", default="fp32,channels_last,bf16,channels_last+bf16,compile",
-                    help="comma-separated; switches in one setting joined by +")  # fmt: skip
-    args = ap.parse_args()
+    args = parser(
+        __doc__, image_size=64, batch_size=64, steps=10, rounds=2, arch="resnet18",
+        settings=("fp32,channels_last,bf16,channels_last+bf16,compile",
+                  "comma-separated; switches in one setting joined by +"),
+    ).parse_args()  # fmt: skip
     device = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     batches = [

@@ -1,166 +1,137 @@
-"""Hydra callback: one MLflow parent run per multirun, with the sweep's summary and plots.
+"""The training loop's callbacks: every piece of work :func:`conkd.engine.fit` does around it.
 
-Jobs find the parent through a file in the sweep folder (works for in-process and joblib
-launchers alike) and nest their runs under it. An Optuna sweep that is re-run to resume its study
-reuses the parent run of that study, so the children of all attempts sit under one parent.
+A :class:`Callback` has three hooks, each doing nothing unless overridden, so the loop calls
+every hook of every callback: :meth:`~Callback.on_resume` once when training continues from a
+checkpoint, :meth:`~Callback.on_step_end` after each optimizer step and
+:meth:`~Callback.on_epoch_end` after each epoch's validation (True stops training). The loop's
+callbacks, in the order ``conkd.run`` gives them:
+
+* :class:`HeartbeatCallback`: the owner's per-epoch sign of life, to the run and the trial;
+* :class:`PruningCallback`: the sweep's pruner (a pruned trial stops);
+* :class:`CheckpointCallback`: ``last.pt`` and ``best.pt`` (the writer is
+  :class:`conkd.checkpoint.Checkpointer`);
+* :class:`TrackingCallback`: each epoch's metrics to the tracker;
+* :class:`SharedStop`: under torchrun, rank 0's decision to stop for every rank.
 """
 
 from __future__ import annotations
 
-import atexit
-import logging
-import shlex
-import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
-
-from conkd.tracking import (
-    PARENT_RUN_FILE,
-    get_or_create_experiment,
-    log_params_batched,
-    prepare_store,
-    resolve_store,
-    with_retry,
-)
-
-log = logging.getLogger("conkd")
+from conkd import distributed
+from conkd.checkpoint import Checkpointer
+from conkd.owner import RUN_TAGS, TRIAL_ATTRS, Owner
+from conkd.state import TrainState
+from conkd.sweep import TrialReporter
+from conkd.tracking.base import Tracker
 
 
-def swept_keys(config: DictConfig) -> list[str]:
-    """Config keys a multirun varies: the sweeper's search space and comma-list overrides."""
-    keys = list((config.hydra.sweeper.get("params") or {}).keys())
-    for o in config.hydra.overrides.task:
-        key, _, value = o.partition("=")
-        if "," in value or value.startswith(("choice(", "range(", "interval(", "tag(", "glob(")):
-            keys.append(key)
-    return keys
+class Callback:
+    """Work around the training loop; every hook does nothing unless a subclass overrides it."""
+
+    def on_resume(self, state: TrainState) -> None:
+        """Training continues from a checkpoint's ``state`` (catch up on what it holds)."""
+
+    def on_step_end(self, state: TrainState) -> None:
+        """After every optimizer step."""
+
+    def on_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float], is_best: bool
+    ) -> bool | None:
+        """After each epoch's validation (``state.epoch`` is then the next epoch); True stops
+        training (a pruned trial)."""
+        return None
 
 
-def warn_cache_key_sweep(config: DictConfig) -> None:
-    """Say in one line when the sweep varies what the teacher cache is keyed by: each value
-    then computes its own teacher outputs instead of sharing one cache."""
-    from conkd.teacher import varying_cache_fields
+@dataclass
+class CheckpointCallback(Callback):
+    """``last.pt`` after every epoch (and every ``every_steps`` optimizer steps), ``best.pt``
+    (weights and metrics) on a new best."""
 
-    varied = varying_cache_fields(swept_keys(config))
-    if varied and config.get("teacher_cache", {}).get("enabled") is not False:
-        log.warning(
-            "teacher cache: this sweep varies %s, which the cached teacher outputs depend on; "
-            "each value builds its own cache",
-            ", ".join(varied),
-        )
+    writer: Checkpointer
+    every_steps: int | None = None
+
+    def on_step_end(self, state: TrainState) -> None:
+        if self.every_steps and state.step % self.every_steps == 0:
+            self.writer.save_last(state)
+
+    def on_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float], is_best: bool
+    ) -> bool | None:
+        info = {"epoch": state.epoch - 1, "metrics": dict(metrics)}
+        if is_best:
+            self.writer.save_best(**info)
+        self.writer.save_last(state, **info)
+        return None
 
 
-class MLflowSweepCallback(Callback):
-    """Creates the parent run before any job starts and fills in the summary at the end."""
+@dataclass
+class TrackingCallback(Callback):
+    """Each epoch's metrics to the tracker at ``step=epoch``."""
 
-    def __init__(self) -> None:
-        self.client: Any = None
-        self.run_id: str | None = None
+    tracker: Tracker
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        warn_cache_key_sweep(config)
-        if not config.mlflow.enabled:
+    def on_resume(self, state: TrainState) -> None:
+        """Log the finished epochs of a resumed state the run does not have yet (all of them in
+        a new run; in a continued run, those whose logging a kill cut off)."""
+        if not state.history:
             return
-        import mlflow
+        logged = self.tracker.logged_steps(next(iter(state.history[0])))
+        for epoch, metrics in enumerate(state.history):
+            if epoch not in logged:
+                self.tracker.log_metrics(metrics, step=epoch)
 
-        uri, artifacts = resolve_store(config.paths.root_dir, config.mlflow.tracking_uri)
-        prepare_store(uri)  # once, in the parent: parallel jobs must not race to create the DB
-        self.client = mlflow.MlflowClient(uri)
-        exp_id = get_or_create_experiment(self.client, config.mlflow.experiment_name, artifacts)
-        sweeper = config.hydra.sweeper
-        study, storage = sweeper.get("study_name"), sweeper.get("storage")
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+    def on_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float], is_best: bool
+    ) -> bool | None:
+        self.tracker.log_metrics(metrics, step=state.epoch - 1)
+        return None
 
-        if study and storage:
-            found = self._study_parents(exp_id, study)
-            if found:
-                self.run_id = found[0].info.run_id
-                with_retry(self.client.update_run, self.run_id, status="RUNNING")
-                self._close_interrupted_children(exp_id)
-                log.info("MLflow: resuming sweep parent run %s (study %s)", self.run_id, study)
-        if self.run_id is None:
-            self.run_id = self._create_parent(config, exp_id, sweep_dir)
-            if study and storage:
-                self.run_id = self._settle_parent(exp_id, study, self.run_id)
-        (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)
-        atexit.register(self._close, "FAILED")
 
-    def _study_parents(self, exp_id: str, study: str) -> list[Any]:
-        """The study's parent runs, oldest first (run id breaks a tie)."""
-        runs = with_retry(
-            self.client.search_runs,
-            [exp_id],
-            filter_string=f"tags.`sweep.study` = '{study}' and tags.`sweep.parent` = 'true'",
-            max_results=100,
-        )
-        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+@dataclass
+class PruningCallback(Callback):
+    """The sweep's pruner: each epoch's objective to the job's Optuna trial; a trial the
+    pruner stops ends training."""
 
-    def _settle_parent(self, exp_id: str, study: str, own: str) -> str:
-        """Workers of one study started together may each have created a parent: every one of
-        them adopts the oldest and deletes its own, so all trials nest under one run."""
-        oldest = self._study_parents(exp_id, study)[0].info.run_id
-        if oldest != own:
-            with_retry(self.client.delete_run, own)
-            log.info("MLflow: another worker created sweep parent %s first; using it", oldest)
-        return oldest
+    reporter: TrialReporter
 
-    def _create_parent(self, config: DictConfig, exp_id: str, sweep_dir: Path) -> str:
-        """A new parent run with the sweep's command, overrides and search space."""
-        sweeper = config.hydra.sweeper
-        study, storage = sweeper.get("study_name"), sweeper.get("storage")
-        tags = {
-            "sweep.parent": "true",
-            "sweep.id": str(sweep_dir),
-            "command": shlex.join(sys.argv),
-            "overrides": " ".join(config.hydra.overrides.task),
-            "sweeper": str(sweeper.get("_target_", "")),
-        }
-        if study:
-            from conkd.sweep import describe_storage
+    def on_resume(self, state: TrainState) -> None:
+        """A trial continuing an interrupted one reports the epochs it inherited, so the pruner
+        sees the whole curve; a trial the pruner had stopped stays stopped."""
+        if self.reporter.report_history(state.history):
+            state.stopped_early = True
 
-            tags.update({"sweep.study": study, "sweep.storage": describe_storage(storage)})
-        run = with_retry(
-            self.client.create_run, exp_id, run_name=f"sweep {study or sweep_dir.name}", tags=tags
-        )
-        (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)  # before anything can fail
-        params = {
-            f"override.{o.split('=', 1)[0]}": o.split("=", 1)[-1]
-            for o in config.hydra.overrides.task
-        }
-        params.update({f"search.{k}": v for k, v in (sweeper.get("params") or {}).items()})
-        for key in ("n_trials", "n_jobs", "direction", "max_failure_rate"):
-            if key in sweeper:
-                params[f"sweeper.{key}"] = sweeper[key]
-        log_params_batched(self.client, run.info.run_id, params)
-        return run.info.run_id
+    def on_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float], is_best: bool
+    ) -> bool | None:
+        return self.reporter.report(metrics[self.reporter.monitor], state.epoch - 1)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.run_id is None:
-            return
-        from conkd.sweep import summarize_sweep
 
-        try:
-            summarize_sweep(self.client, self.run_id, config, Path(config.hydra.sweep.dir))
-        finally:
-            self._close("FINISHED")
+@dataclass
+class HeartbeatCallback(Callback):
+    """The per-epoch heartbeat of the job's :class:`~conkd.owner.Owner` record, to the run and
+    (in a sweep) the trial: maintenance and other workers tell a live job from a dead one by
+    it where its pid says nothing (another host)."""
 
-    def _close_interrupted_children(self, exp_id: str) -> None:
-        """Child runs still RUNNING whose process is gone (the interruption killed them): mark
-        them KILLED. Children of live processes (other workers of the study) stay."""
-        from conkd.runs import close, stale_runs
+    tracker: Tracker
+    reporter: TrialReporter | None = None
 
-        stale = stale_runs(self.client, [exp_id], parent_run_id=self.run_id)
-        close(self.client, stale)
-        for run, why in stale:
-            log.info("MLflow: closed interrupted trial run %s as KILLED (%s)", run.info.run_id, why)
+    def on_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float], is_best: bool
+    ) -> bool | None:
+        beat = Owner.here()
+        self.tracker.set_tags(beat.marks(RUN_TAGS, "heartbeat"))
+        if self.reporter is not None:
+            self.reporter.mark(beat.marks(TRIAL_ATTRS, "heartbeat"))
+        return None
 
-    def _close(self, status: str) -> None:
-        """End the parent run once; at interpreter exit without on_multirun_end it is FAILED."""
-        if self.run_id is None:
-            return
-        run_id, self.run_id = self.run_id, None
-        with_retry(self.client.set_terminated, run_id, status=status)
+
+class SharedStop(Callback):
+    """Last, on every rank under torchrun: rank 0's decision to stop (a pruned trial) for all
+    ranks."""
+
+    def on_epoch_end(
+        self, state: TrainState, metrics: Mapping[str, float], is_best: bool
+    ) -> bool | None:
+        return bool(distributed.broadcast(state.stopped_early))

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 import signal
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from conkd import store
 from conkd.errors import ConKDError
 from conkd.targets import CHECKPOINT_TARGETS, build
 
@@ -79,25 +80,17 @@ def save_checkpoint(
 def _write_atomically(
     path: Path, model: nn.Module, spec: dict[str, Any], keep_previous: bool, extra: dict
 ) -> None:
-    from conkd.decoded import fsync_dir, fsync_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {"model": spec, "state_dict": model.state_dict(), **extra}
+    keep_as = path.with_name(PREVIOUS) if keep_previous else None
     try:
-        torch.save({"model": spec, "state_dict": model.state_dict(), **extra}, tmp)
-        fsync_file(tmp)
+        store.write_atomic(path, lambda tmp: torch.save(state, tmp), keep_as=keep_as)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
         why = "the disk is full" if full else str(err)
         raise ConKDError(
             f"could not write checkpoint {path}: {why}. The previous checkpoint is intact; "
             "free space and re-run the same command to resume from it"
         ) from err
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(PREVIOUS))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -197,31 +190,21 @@ def check_compatible(
         )
 
 
+@dataclass(eq=False)
 class Checkpointer:
-    """Training callback: the resumable ``last.pt`` after every epoch (and every
-    ``every_steps`` optimizer steps), ``best.pt`` (weights and metrics) on a new best.
+    """Writes a run's checkpoints: the resumable ``last.pt`` and ``best.pt`` (weights and
+    metrics); :class:`conkd.callbacks.CheckpointCallback` says when.
 
     ``extra`` is stored in every checkpoint (classes, stage, resolved config, MLflow run id), so
     ``eval.py`` and students can use a checkpoint without the run's config.
     """
 
-    def __init__(
-        self,
-        directory: Path,
-        model: nn.Module,
-        spec: dict[str, Any],
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any = None,
-        every_steps: int | None = None,
-        **extra: Any,
-    ) -> None:
-        self.directory = directory
-        self.model = model
-        self.spec = spec
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.every_steps = every_steps
-        self.extra = extra
+    directory: Path
+    model: nn.Module
+    spec: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def save_last(self, state: Any, **info: Any) -> None:
         """Everything an exact resume needs, as ``last.pt`` (the previous one kept)."""
@@ -238,15 +221,9 @@ class Checkpointer:
             **self.extra,
         )
 
-    def on_step_end(self, state: Any) -> None:
-        if self.every_steps and state.step % self.every_steps == 0:
-            self.save_last(state)
-
-    def on_epoch_end(self, state: Any, metrics: Mapping[str, float], is_best: bool) -> None:
-        info = {"epoch": state.epoch - 1, "metrics": dict(metrics)}
-        if is_best:
-            save_checkpoint(self.directory / "best.pt", self.model, self.spec, **info, **self.extra)
-        self.save_last(state, **info)
+    def save_best(self, **info: Any) -> None:
+        """The weights of a new best epoch, as ``best.pt``, with ``info`` (epoch, metrics)."""
+        save_checkpoint(self.directory / "best.pt", self.model, self.spec, **info, **self.extra)
 
 
 def restore(

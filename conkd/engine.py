@@ -6,19 +6,18 @@ frozen network (:func:`online_teacher`) or a cache of its outputs per augmented 
 (:mod:`conkd.teacher_cache`); the loop does not know which. Either way the outputs belong to
 exactly the augmented batch the student sees ("a good teacher is patient and consistent",
 Beyer et al. 2022). Progress lives in an explicit :class:`TrainState`, so checkpointing, tracking
-and pruning are callbacks and a run can resume from a saved state.
+and pruning are callbacks (:mod:`conkd.callbacks`) and a run can resume from a saved state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from conkd import distributed
+from conkd.callbacks import Callback
 from conkd.errors import DivergedError
+from conkd.state import TrainState
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -91,45 +92,6 @@ class Job:
     device: torch.device
     options: Options
     teacher: TeacherFn | None = None
-
-
-@dataclass
-class TrainState:
-    """Where training stands, everything a checkpoint needs to continue exactly.
-
-    ``epoch`` is the epoch in progress (or next), ``batch`` the batches of it already trained on
-    and ``sums`` / ``seen`` their sample-weighted loss terms; ``step`` counts optimizer steps,
-    ``best`` holds the best epoch's metrics and ``history`` every finished epoch's. A fresh state
-    starts at epoch 0, batch 0.
-    """
-
-    epoch: int = 0
-    step: int = 0
-    batch: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    seen: int = 0
-    best: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    stopped_early: bool = False
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_state_dict(cls, d: Mapping[str, Any]) -> TrainState:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-class Callback(Protocol):
-    """Called after each epoch's validation; returning True stops training (a pruned trial).
-
-    A callback may also define ``on_step_end(state)``, called after every optimizer step.
-    """
-
-    def on_epoch_end(
-        self, state: TrainState, metrics: Mapping[str, float], is_best: bool
-    ) -> bool | None: ...
 
 
 def _check_finite(x: Tensor, terms: Mapping[str, Tensor], epoch: int, batch: int) -> None:
@@ -292,7 +254,7 @@ def fit(
 ) -> TrainState:
     """Train from ``state`` (epoch and batch) to ``job.options.epochs``; after each epoch
     validate and call every callback's ``on_epoch_end``; any of them may stop training (a pruned
-    sweep trial). Callbacks with ``on_step_end`` are also called after every step.
+    sweep trial). Every callback's ``on_step_end`` is called after every step.
 
     ``train_loader(epoch, start)`` returns that epoch's loader from batch ``start`` on (its
     augmentation depends on the epoch). ``state.best`` ends as the best epoch's metrics by
@@ -301,16 +263,15 @@ def fit(
     opts = job.options
     state = state or TrainState()
     sign = 1.0 if opts.mode == "max" else -1.0
-    steppers = [cb.on_step_end for cb in callbacks if hasattr(cb, "on_step_end")]
 
     def on_step(s: TrainState) -> None:
-        for fn in steppers:
-            fn(s)
+        for cb in callbacks:
+            cb.on_step_end(s)
 
     while state.epoch < opts.epochs and not state.stopped_early:
         epoch = state.epoch
         loader = train_loader(epoch, state.batch)
-        metrics = train_one_epoch(job, loader, epoch, state, on_step if steppers else None)
+        metrics = train_one_epoch(job, loader, epoch, state, on_step)
         metrics.update(validate(job, val_loader))
         if opts.monitor not in metrics:
             raise KeyError(f"objective {opts.monitor!r} is not among the metrics {sorted(metrics)}")

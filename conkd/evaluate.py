@@ -12,9 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from conkd import checkpoint as ckpt_io
 from conkd import plots
+from conkd.builders import resolve_device
 from conkd.engine import evaluate
 from conkd.errors import ConKDError
-from conkd.run import resolve_device
 from conkd.targets import build
 
 log = logging.getLogger("conkd")
@@ -62,7 +62,7 @@ def evaluate_checkpoint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None = N
     model = ckpt_io.build_from_checkpoint(ckpt).to(device)
     metrics, confusion = evaluate(
         model,
-        data.eval_loader(cfg.split),
+        data.loaders(device).eval(cfg.split),
         device,
         data.num_classes,
         precision=str(cfg.trainer.precision),

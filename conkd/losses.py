@@ -129,21 +129,28 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(student.float(), labels, label_smoothing=self.label_smoothing)
 
 
-class KDLoss(nn.Module):
+class TemperatureLoss(nn.Module):
+    """A loss with a softmax temperature, which must be positive (KD, LSKD, SupCon)."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        _check_positive("temperature", temperature)
+        self.temperature = temperature
+
+
+class KDLoss(TemperatureLoss):
     """Classic KD (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a Neural Network")."""
 
     needs_teacher = True
 
     def __init__(self, temperature: float = 4.0) -> None:
-        super().__init__()
-        _check_positive("temperature", temperature)
-        self.temperature = temperature
+        super().__init__(temperature)
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor | None = None) -> Tensor:
         return kd_loss(student, teacher, self.temperature)
 
 
-class LogitStandardizedKD(nn.Module):
+class LogitStandardizedKD(TemperatureLoss):
     """Logit-standardized KD (Sun et al., "Logit Standardization in Knowledge Distillation",
     CVPR 2024): KD on z-scored logits, so a small student need not match a large teacher's
     logit magnitude. ``T = 2`` is the paper's base temperature."""
@@ -151,27 +158,23 @@ class LogitStandardizedKD(nn.Module):
     needs_teacher = True
 
     def __init__(self, temperature: float = 2.0, eps: float = 1e-7) -> None:
-        super().__init__()
-        _check_positive("temperature", temperature)
-        self.temperature = temperature
+        super().__init__(temperature)
         self.eps = eps
 
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor | None = None) -> Tensor:
         return ls_kd_loss(student, teacher, self.temperature, self.eps)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(TemperatureLoss):
     """Supervised contrastive loss on the student's features (Khosla et al., "Supervised
     Contrastive Learning", NeurIPS 2020); see :func:`supcon_loss` for the exact form."""
 
     needs_teacher = False
 
     def __init__(self, temperature: float = 0.07, base_temperature: float | None = None) -> None:
-        super().__init__()
-        _check_positive("temperature", temperature)
+        super().__init__(temperature)
         base_temperature = temperature if base_temperature is None else base_temperature
         _check_positive("base_temperature", base_temperature)
-        self.temperature = temperature
         self.base_temperature = base_temperature
 
     def forward(self, student: Tensor, teacher: Tensor | None, labels: Tensor) -> Tensor:

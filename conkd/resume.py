@@ -15,28 +15,12 @@ from typing import Any
 
 from conkd.checkpoint import LAST, PREVIOUS, latest_resumable
 from conkd.errors import ConKDError
-from conkd.tracking import flatten
+from conkd.nested import flatten
+from conkd.provenance import operational
+from conkd.views import VERSION as VIEWS
 
 AUTO, NEVER = "auto", "never"
 
-#: Config keys that do not change what a run computes: they may differ on resume.
-IGNORED = (
-    "resume",
-    "paths.",
-    "mlflow.",
-    "optuna.",
-    "trainer.progress",
-    "trainer.checkpoint_every_steps",
-    "teacher_cache.dir",
-    "teacher_cache.max_gb",
-    "dataset.num_workers",
-    "dataset.decode.dir",
-    "dataset.decode.workers",
-    "dataset.decode.progress",
-    "dataset.decode.verify",
-    "dataset.source.download",
-    "dataset.source.verify",
-)
 #: Teacher tags that name the teacher itself (not how its outputs are served).
 TEACHER_KEYS = ("teacher", "teacher.run_id")
 
@@ -86,22 +70,29 @@ def find(mode: str, out_dir: Path) -> tuple[dict[str, Any] | None, bool]:
     return ckpt, False
 
 
-def _ignored(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED)
-
-
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that differs and changes what the run computes."""
+    """``key: old -> new`` for every setting that differs and changes what the run computes
+    (all but the operational keys of :data:`conkd.provenance.TABLE`)."""
     a, b = flatten(old), flatten(new)
-    keys = sorted(k for k in a.keys() | b.keys() if not _ignored(k))
+    keys = sorted(k for k in a.keys() | b.keys() if not operational(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def check_same_run(
-    ckpt: Mapping[str, Any], config: Mapping[str, Any], teacher_tags: Mapping[str, str]
+    ckpt: Mapping[str, Any],
+    config: Mapping[str, Any],
+    teacher_tags: Mapping[str, str],
+    views: int = VIEWS,
 ) -> None:
-    """Refuse to continue a checkpoint under another config or another teacher: the result
-    would be neither run."""
+    """Refuse to continue a checkpoint under another config, another teacher or another
+    definition of the augmented views (:data:`conkd.views.VERSION`): the result would be
+    neither run."""
+    if ckpt.get("views") != views:
+        raise ConKDError(
+            f"cannot resume from {ckpt['path']}: it was written by a ConKD whose augmented views "
+            f"differ (view definition {ckpt.get('views')!r}, now {views}); start the run anew "
+            "in another hydra.run.dir (resume=never)"
+        )
     changes = config_changes(ckpt.get("config") or {}, config)
     if changes:
         shown = "; ".join(changes[:5]) + (

@@ -5,8 +5,9 @@ an unknown choice fails at compose time, before anything is built, with the key 
 ``loss.alpha=abc`` -> "Value 'abc' of type 'str' could not be converted to Float ... full_key:
 loss.alpha". The nodes handed to ``hydra.utils.instantiate`` as they are (dataset, model,
 optimizer, scheduler) stay untyped (``Any``): their keys are the constructors' arguments.
-:func:`conkd.run.validate` checks the numeric ones that bad input usually hits (optimizer lr and
-weight decay, dataset batch and image size) by name. Importing this module registers the schema.
+:func:`conkd.checks.check_config` checks the numeric ones that bad input usually hits (optimizer
+lr and weight decay, dataset batch and image size, validation fraction) by name. Importing this
+module registers the schema.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""Sweeps: the job side of Optuna pruning, and the end-of-sweep summary.
+"""Sweeps: study storage and trial marks, the job side of Optuna pruning, the sweep summary.
 
 * :class:`TrialReporter` runs inside a job launched by the ``conkd_optuna`` sweeper: it reports
-  the validation objective to the job's Optuna trial after every epoch and asks the study's pruner
+  the validation objective to the job's Optuna trial (for
+  :class:`conkd.callbacks.PruningCallback`, after every epoch) and asks the study's pruner
   whether to stop.
 * :func:`summarize_sweep` runs in the sweep's parent process at the end: it finds the best trial
-  among the MLflow child runs, logs it on the parent run with Optuna's plots of the sweep, and
-  writes a ready-to-run override line and experiment file for it.
+  among the MLflow child runs, logs it on the parent run (:class:`conkd.tracking.SweepParent`)
+  with Optuna's plots of the sweep, and writes a ready-to-run override line and experiment file
+  for it.
 """
 
 from __future__ import annotations
@@ -14,23 +16,23 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from conkd.tracking import safe_key, with_retry
+from conkd.tracking import SweepParent
 
 log = logging.getLogger("conkd")
 
 #: Optuna user attributes ConKD keeps on a trial (public API; optuna-dashboard shows them):
-#: the job's pruner stopped it; its resumable checkpoint (``last.pt``); the worker (host, pid)
-#: that runs it and the job's per-epoch heartbeat; a trial whose worker died (FAIL, re-queued);
-#: on the re-queued trial, the checkpoint it continues from.
+#: the job's pruner stopped it; its resumable checkpoint (``last.pt``); a trial whose worker
+#: died (FAIL, re-queued); on the re-queued trial, the checkpoint it continues from. The worker
+#: that runs it and the job's heartbeat are its owner record (:data:`conkd.owner.TRIAL_ATTRS`).
 PRUNED_ATTR = "conkd:pruned"
 CHECKPOINT_ATTR = "conkd:checkpoint"
-HOST_ATTR, PID_ATTR, HEARTBEAT_ATTR = "conkd:host", "conkd:pid", "conkd:heartbeat"
 INTERRUPTED_ATTR = "conkd:interrupted"
 RESUME_ATTR = "conkd:resume"
 #: Override the sweeper adds to each job to hand it its trial number.
@@ -149,27 +151,26 @@ class TrialReporter:
             self._prune()
         return self.pruned
 
-    def on_epoch_end(self, state: Any, metrics: Any, is_best: bool) -> bool:
-        """Training callback: report the monitored metric (and a heartbeat, so workers elsewhere
-        know the trial is alive); True stops a pruned trial."""
-        self.trial.set_user_attr(HEARTBEAT_ATTR, time.time())
-        return self.report(metrics[self.monitor], state.epoch - 1)
+    def report_history(self, history: Sequence[Mapping[str, float]]) -> bool:
+        """Report the epochs of ``history`` (inherited from an interrupted trial) the trial
+        does not have yet, so the pruner sees the whole curve; True when it stops the trial."""
+        reported = self.trials.get(self.number).intermediate_values
+        for epoch, metrics in enumerate(history):
+            if epoch not in reported and math.isfinite(metrics[self.monitor]):
+                self.trial.report(metrics[self.monitor], epoch)
+        if history and self.trial.should_prune():
+            self._prune()
+        return self.pruned
+
+    def mark(self, marks: Mapping[str, Any]) -> None:
+        """Set user attributes on the trial (the job's heartbeat)."""
+        for key, value in marks.items():
+            self.trial.set_user_attr(key, value)
 
     def record_checkpoint(self, path: Path) -> None:
         """Tell the sweeper where this trial's resumable checkpoint will be: an interrupted
         trial is re-queued with its parameters and continues from there."""
         self.trial.set_user_attr(CHECKPOINT_ATTR, str(path))
-
-    def on_resume(self, state: Any) -> None:
-        """A trial continuing an interrupted one reports the epochs it inherited, so the pruner
-        sees the whole curve; a trial the pruner had stopped stays stopped."""
-        reported = self.trials.get(self.number).intermediate_values
-        for epoch, metrics in enumerate(state.history):
-            if epoch not in reported and math.isfinite(metrics[self.monitor]):
-                self.trial.report(metrics[self.monitor], epoch)
-        if state.history and self.trial.should_prune():
-            self._prune()
-            state.stopped_early = True
 
 
 def reporter_from_hydra(cfg: DictConfig, hydra_sweeper: Any) -> TrialReporter | None:
@@ -220,17 +221,10 @@ def _number(v: str) -> float | None:
         return None
 
 
-def collect_trials(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
+def collect_trials(parent: SweepParent) -> list[dict[str, Any]]:
     """One row per child run: its trial number, status, objective value and swept values."""
-    parent = client.get_run(parent_run_id)
-    runs = with_retry(
-        client.search_runs,
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        max_results=5000,
-    )
     rows = []
-    for r in runs:
+    for r in parent.children():
         params = _overrides(r.data.tags.get("overrides", ""))
         params.pop(TRIAL_KEY, None)
         trial = r.data.tags.get("sweep.trial", "")
@@ -363,11 +357,9 @@ def _record_best(
     direction: str,
     summary: dict[str, Any],
     sweep_dir: Path,
-) -> tuple[list, list, list]:
+) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
     """The best finished trial into ``summary``, a re-run line and experiment file in
     ``sweep_dir``; returns the parent run's best_* metrics, params and tags."""
-    from mlflow.entities import Metric, Param, RunTag
-
     pick = max if direction == "maximize" else min
     best = pick(finished, key=lambda r: r["value"])
     best_params = {k: best["params"][k] for k in keys if k in best["params"]}
@@ -384,12 +376,11 @@ def _record_best(
         "# @package _global_\n# Best trial of the sweep; copy to conf/experiment/ to reuse.\n"
         + yaml.safe_dump(experiment, sort_keys=False)
     )
-    params = [Param(safe_key(f"best.{k}"), str(v)[:6000]) for k, v in best_params.items()]
-    tags = [RunTag("best_run_id", best["run_id"]), RunTag("best_command", line[:5000])]
-    tags += [RunTag(safe_key(f"best.{k}"), str(v)[:5000]) for k, v in best_params.items()]
+    params = {f"best.{k}": v for k, v in best_params.items()}
+    tags = {"best_run_id": best["run_id"], "best_command": line, **params}
     log.info("sweep best %s = %.4f (trial %s): %s", config.objective, best["value"], best["trial"],
              line)  # fmt: skip
-    return [Metric("best_value", best["value"], 0, 0)], params, tags
+    return {"best_value": best["value"]}, params, tags
 
 
 def _sweep_study(
@@ -407,15 +398,13 @@ def _sweep_study(
     return (_study_from_rows(rows, keys, direction) if finished else None), None
 
 
-def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_dir: Path) -> dict:
+def summarize_sweep(parent: SweepParent, config: DictConfig, sweep_dir: Path) -> dict:
     """Best trial, failure list, plots and a re-run command, logged on the parent run."""
-    from mlflow.entities import Metric
-
     sweeper = config.hydra.sweeper
     direction = str(
         sweeper.get("direction", "maximize" if config.objective_mode == "max" else "minimize")
     ).lower()
-    rows = collect_trials(client, parent_run_id)
+    rows = collect_trials(parent)
     finished = [r for r in rows if r["value"] is not None and r["status"] == "FINISHED"]
     varying = sorted(
         {k for r in rows for k in r["params"] if len({str(x["params"].get(k)) for x in rows}) > 1}
@@ -436,31 +425,25 @@ def summarize_sweep(client: Any, parent_run_id: str, config: DictConfig, sweep_d
     study, states = _sweep_study(sweeper, rows, keys, direction, bool(finished))
     if states is not None:
         summary["optuna_states"] = states
-    metrics = [
-        Metric("sweep/n_runs", len(rows), 0, 0),
-        Metric("sweep/n_failed", len(summary["failures"]), 0, 0),
-        Metric("sweep/n_pruned", summary["n_pruned"], 0, 0),
-    ]
-    params, tags = [], []
+    metrics = {
+        "sweep/n_runs": len(rows),
+        "sweep/n_failed": len(summary["failures"]),
+        "sweep/n_pruned": summary["n_pruned"],
+    }
+    params: dict[str, Any] = {}
+    tags: dict[str, Any] = {}
     if finished:
         best_metrics, params, tags = _record_best(
             config, finished, keys, direction, summary, sweep_dir
         )
-        metrics += best_metrics
+        metrics.update(best_metrics)
     for f in summary["failures"]:
         log.warning("sweep trial %s failed: %s", f["trial"], f["error"])
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-
-    existing = client.get_run(parent_run_id).data.params
-    # Params are immutable: a resumed sweep keeps the first ones; the best.* tags stay current.
-    params = [p for p in params if p.key not in existing]
-    with_retry(client.log_batch, parent_run_id, metrics=metrics, params=params, tags=tags)
     files = [
         sweep_dir / n for n in ("sweep_summary.json", "best_overrides.txt", "best_experiment.yaml")
     ]
     if study is not None and any(t.state.name == "COMPLETE" for t in study.trials):
         files += _save_plots(study, sweep_dir)
-    for f in files:
-        if f.is_file():
-            with_retry(client.log_artifact, parent_run_id, str(f), "sweep")
+    parent.record_summary(metrics, params, tags, files)
     return summary

@@ -11,6 +11,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from conkd.checkpoint import instantiate_model
+from conkd.checks import check_range
 from conkd.errors import ConKDError, DivergedError
 from conkd.run import run
 from tests.conftest import run_cli, tiny_overrides
@@ -56,6 +57,7 @@ def test_wrong_type_on_the_command_line_is_one_message(tmp_path: Path) -> None:
     [
         ("optimizer.lr=fast", r"optimizer.lr must be a number, got 'fast' \(str\)"),
         ("dataset.batch_size=1", r"dataset.batch_size must be >= 2, got 1"),
+        ("dataset.val_fraction=1.0", r"dataset.val_fraction must be in \(0, 1\), got 1.0"),
     ],
 )
 def test_untyped_constructor_arguments_are_checked_by_name(
@@ -63,6 +65,28 @@ def test_untyped_constructor_arguments_are_checked_by_name(
 ) -> None:
     with pytest.raises(ConKDError, match=match):
         run(compose_cfg([*tiny, override]))
+
+
+@pytest.mark.parametrize(
+    ("name", "ok", "bad", "rule"),
+    [
+        ("dataset.batch_size", 2, 1, ">= 2"),
+        ("dataset.image_size", 8, 7, ">= 8"),
+        ("optimizer.lr", 1e-9, 0, "> 0"),
+        ("dataset.val_fraction", 0.5, 0, r"in \(0, 1\)"),
+        ("dataset.val_fraction", 0.99, 1, r"in \(0, 1\)"),
+    ],
+)
+def test_range_rules_hold_for_constructor_arguments_too(
+    name: str, ok: float, bad: float, rule: str
+) -> None:
+    """The rules the config check applies, as the constructors that take the numbers call them
+    (``DataModule(batch_size=1)`` from Python is refused with the config key's message)."""
+    check_range(name, ok)
+    with pytest.raises(ConKDError, match=f"{name} must be {rule}, got {bad}"):
+        check_range(name, bad)
+    with pytest.raises(ConKDError, match=f"{name} must be a number, got True"):
+        check_range(name, True)
 
 
 def copy_folder(image_folder: Path, tmp_path: Path) -> Path:
@@ -119,18 +143,18 @@ def test_one_class_dataset(compose_cfg, tiny, image_folder: Path, tmp_path: Path
 
 
 def test_nan_input_is_named(compose_cfg, tiny, monkeypatch) -> None:
-    import conkd.decoded as decoded
+    import conkd.loaders as loaders
 
-    real = decoded.BatchAugment.__call__
+    real = loaders.render
 
-    def poisoned(self, *args, **kwargs):
-        x = real(self, *args, **kwargs)
-        if self.train:
+    def poisoned(spec, *args, **kwargs):
+        x = real(spec, *args, **kwargs)
+        if spec.train:
             x = x.clone()
             x[0, 0, 0, 0] = float("nan")
         return x
 
-    monkeypatch.setattr(decoded.BatchAugment, "__call__", poisoned)
+    monkeypatch.setattr(loaders, "render", poisoned)
     with pytest.raises(DivergedError, match=r"input batch at epoch 0 batch 0 holds 1 NaN/Inf"):
         run(compose_cfg([*tiny, "mlflow.enabled=false"]))
 

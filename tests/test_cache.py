@@ -3,14 +3,18 @@ the teacher, the sweep warning. The cache module itself: tests/test_teacher_cach
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf, open_dict
 
 import conkd.run as run_module
+import conkd.teacher as teacher_module
 from conkd.checkpoint import load_checkpoint
-from conkd.teacher import varying_cache_fields
+from conkd.hydra_callback import warn_cache_key_sweep
+from conkd.provenance import varying_cache_fields
 from tests.conftest import tiny_overrides
 
 
@@ -43,13 +47,13 @@ def test_cached_teacher_trains_the_student_like_the_online_one(
     assert (folder / "train_logits.npy").is_file() and (folder / "val_logits.npy").is_file()
     assert not (folder / "train_projection.npy").exists()  # lsd+supcon reads teacher logits only
 
-    real = run_module.online_teacher
+    real = teacher_module.online_teacher
 
     def rounded(teacher):
         outputs = real(teacher)
         return lambda x, e, i: {k: v.half().float() for k, v in outputs(x, e, i).items()}
 
-    monkeypatch.setattr(run_module, "online_teacher", rounded)
+    monkeypatch.setattr(teacher_module, "online_teacher", rounded)
     online = student(
         compose_cfg,
         image_folder,
@@ -63,7 +67,7 @@ def test_cached_teacher_trains_the_student_like_the_online_one(
     for name, weight in online["state_dict"].items():
         assert torch.equal(cached["state_dict"][name], weight), name
     # one step against the unrounded online teacher: the same loss terms up to float16
-    monkeypatch.setattr(run_module, "online_teacher", real)
+    monkeypatch.setattr(teacher_module, "online_teacher", real)
     one = ["trainer.epochs=1", "trainer.max_steps_per_epoch=1", *sgd]
     a = student(compose_cfg, image_folder, teacher_run, tmp_path / "a", *one)
     b = student(
@@ -87,7 +91,7 @@ def test_reused_cache_never_loads_the_teacher(
     def no_network(*args):
         raise AssertionError("the teacher network was built although its cache exists")
 
-    monkeypatch.setattr(run_module, "build_teacher", no_network)
+    monkeypatch.setattr(teacher_module, "build_teacher", no_network)
     student(compose_cfg, image_folder, teacher_run, tmp_path / "second", "loss.alpha=0.5")
     with pytest.raises(AssertionError, match="teacher network was built"):
         student(compose_cfg, image_folder, teacher_run, tmp_path / "third", "seed=1")
@@ -97,3 +101,27 @@ def test_sweeps_are_told_which_swept_keys_split_the_cache() -> None:
     swept = ["loss.alpha", "seed", "optimizer.lr", "dataset.image_size", "dataset.num_workers"]
     assert varying_cache_fields(swept) == ["dataset.image_size", "seed"]
     assert varying_cache_fields(["loss.kd_temperature", "optimizer.weight_decay"]) == []
+
+
+@pytest.mark.parametrize(
+    ("swept", "splits"),
+    [
+        ("dataset.decode.workers=1,2", False),  # decoding processes: the same arrays
+        ("dataset.source.verify=true,false", False),  # a check before training
+        ("dataset.num_workers=0,2", False),
+        ("dataset.augment.scale_min=0.2,0.5", True),  # other views: other teacher outputs
+        ("model@teacher=resnet18,resnet34", True),
+    ],
+)
+def test_sweep_warning_names_only_keys_that_split_the_cache(
+    compose_cfg, caplog, swept: str, splits: bool
+) -> None:
+    cfg = compose_cfg(["dataset=imagefolder", "dataset.root=/data"], keep_hydra=True)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = [*cfg.hydra.overrides.task, swept]
+    with caplog.at_level(logging.WARNING, logger="conkd"):
+        warn_cache_key_sweep(cfg)
+    key = swept.partition("=")[0]
+    assert ("each value builds its own cache" in caplog.text) == splits
+    assert (key in caplog.text) == splits

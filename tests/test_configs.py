@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conkd.builders import model_spec, run_name
 from conkd.data import DataModule
 from conkd.losses import Objective
 from conkd.models import Network
-from conkd.run import model_spec, run_name
 from conkd.targets import build
 from tests.conftest import ROOT
 from tests.test_data import write_fake_imagenette
@@ -88,7 +88,7 @@ def test_dataset_options(compose_cfg, image_folder: Path, tmp_path: Path, name: 
     cfg = compose_cfg([f"dataset={name}", "dataset.image_size=24", "dataset.num_workers=0", *extra])
     data = build(cfg.dataset, "dataset config", seed=0)
     assert isinstance(data, DataModule)
-    x, y, i = next(iter(data.train_loader(0)))
+    x, y, i = next(iter(data.loaders().train(0)))
     assert x.shape[1:] == (3, 24, 24) and y.max() < data.num_classes
 
 
@@ -136,9 +136,9 @@ def test_hparams_search_presets(name: str) -> None:
 
 def test_precision_typed_as_a_number_is_accepted(compose_cfg) -> None:
     """`trainer.precision=32` reaches the config as an int; it means the same as "32"."""
+    from conkd.checks import check_config
     from conkd.errors import ConKDError
-    from conkd.run import validate
 
-    validate(compose_cfg(["trainer.precision=32"]))
+    check_config(compose_cfg(["trainer.precision=32"]))
     with pytest.raises(ConKDError, match="trainer.precision must be 32 or bf16, got '16'"):
-        validate(compose_cfg(["trainer.precision=16"]))
+        check_config(compose_cfg(["trainer.precision=16"]))

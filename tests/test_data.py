@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from conkd.data import DataModule, DigitsSource, ImageFolderSource, ImagenetteSource
+from conkd.data import DataModule
 from conkd.errors import ConKDError
+from conkd.loaders import EpochSampler
+from conkd.sources import DigitsSource, ImageFolderSource, ImagenetteSource
 from tests.conftest import SHARED_IMAGENETTE
 
 WNIDS = sorted(datasets.Imagenette._WNID_TO_CLASS)
@@ -46,12 +48,13 @@ def test_augmentation_is_a_function_of_seed_epoch_index(image_folder: Path) -> N
     torch.testing.assert_close(x1, x2)
     assert not torch.equal(a.train[(3, 5)][0], x1)  # another epoch, another view
     # the shuffled order is reproducible too, and differs between epochs
-    order = [[i for _, i in a._train_sampler.__iter__()] for _ in range(2)]
+    sampler = EpochSampler(len(a.train), 3, shuffle=True)
+    order = [[i for _, i in sampler.__iter__()] for _ in range(2)]
     assert order[0] == order[1]
-    a._train_sampler.set_epoch(1)
-    assert [i for _, i in a._train_sampler] != order[0]
+    sampler.set_epoch(1)
+    assert [i for _, i in sampler] != order[0]
     # a loader keeps its own epoch's order, whichever loader was made after it
-    first, second = a.train_loader(0), a.train_loader(1)
+    first, second = a.loaders().train(0), a.loaders().train(1)
     assert [int(i) for b in first for i in b[2]] != [int(i) for b in second for i in b[2]]
     assert [int(i) for b in first for i in b[2]][:8] == order[0][:8]
 
@@ -61,7 +64,7 @@ def test_loader_workers_give_the_same_batches(image_folder: Path) -> None:
     batches = []
     for workers in (0, 2):
         dm = DataModule(src, image_size=24, batch_size=8, num_workers=workers, seed=1)
-        batches.append(next(iter(dm.train_loader(1))))
+        batches.append(next(iter(dm.loaders().train(1))))
     torch.testing.assert_close(batches[0][0], batches[1][0])
     assert torch.equal(batches[0][1], batches[1][1])
 
@@ -125,7 +128,7 @@ def test_imagenette_faked_download_gives_loadable_dataset(tmp_path: Path, monkey
     assert len(src.classes) == 10 and src.classes[0] == "tench"
     assert len(src.train) == 20 and len(src.test) == 20
     dm = DataModule(src, image_size=16, batch_size=4, num_workers=0, val_fraction=0.5)
-    x, y, _ = next(iter(dm.train_loader(0)))
+    x, y, _ = next(iter(dm.loaders().train(0)))
     assert x.shape == (4, 3, 16, 16)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -17,25 +18,12 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as tvf
 
-from conkd.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DataModule,
-    EpochSampler,
-    ImageFolderSource,
-    Split,
-    sample_seed,
-)
-from conkd.decoded import (
-    ARRAY_FILE,
-    META_FILE,
-    BatchAugment,
-    DecodedArray,
-    DecodedLoader,
-    decode_key,
-    random_resized_crop_params,
-)
+from conkd.data import DataModule
+from conkd.decoded import ARRAY_FILE, META_FILE, DecodedArray, decode_key
 from conkd.errors import ConKDError
+from conkd.loaders import DecodedLoader, EpochSampler
+from conkd.sources import ImageFolderSource, Split
+from conkd.views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, render
 
 
 def make_dm(
@@ -73,24 +61,24 @@ def source(image_folder: Path) -> ImageFolderSource:
 def test_view_depends_only_on_seed_epoch_index(source: ImageFolderSource, tmp_path: Path) -> None:
     dm = make_dm(source, tmp_path, size=40)
     torch.manual_seed(0)
-    by_8 = views(dm.train_loader(1))
+    by_8 = views(dm.loaders().train(1))
     # other batch size (another composition), other global RNG state
     other = make_dm(source, tmp_path, size=40, batch_size=6)
     torch.manual_seed(12345)
-    by_6 = views(other.train_loader(1))
+    by_6 = views(other.loaders().train(1))
     common = sorted(set(by_8) & set(by_6))
     assert len(common) >= 20
     for i in common:
         assert torch.equal(by_8[i], by_6[i]), i
     # a hand-made batch in reverse order, straight through the transform
-    aug = BatchAugment(24, train=True, seed=3)
+    spec = ViewSpec(24, train=True)
     rows = [dm.train.indices[i] for i in common[::-1]]
-    x = torch.from_numpy(np.asarray(dm._decoded_array("train").array[rows]))
-    direct = aug(x, 1, torch.tensor(common[::-1]))
+    x = torch.from_numpy(np.asarray(dm.decoded("train").array[rows]))
+    direct = render(spec, x, spec.draw(3, 1, torch.tensor(common[::-1])))
     for k, i in enumerate(common[::-1]):
         assert torch.equal(direct[k], by_8[i]), i
     # another epoch: another view of every sample
-    epoch2 = views(dm.train_loader(2))
+    epoch2 = views(dm.loaders().train(2))
     for i in set(epoch2) & set(by_8):
         assert not torch.equal(epoch2[i], by_8[i]), i
 
@@ -99,19 +87,21 @@ def test_photometric_ops_are_seeded_per_sample(source: ImageFolderSource, tmp_pa
     augment = {"randaugment_ops": 2, "color_jitter": 0.4}
     dm = make_dm(source, tmp_path, size=40, augment=augment)
     state = torch.get_rng_state()
-    by_8 = views(dm.train_loader(0))
+    by_8 = views(dm.loaders().train(0))
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
-    by_6 = views(make_dm(source, tmp_path, size=40, batch_size=6, augment=augment).train_loader(0))
+    by_6 = views(
+        make_dm(source, tmp_path, size=40, batch_size=6, augment=augment).loaders().train(0)
+    )
     for i in set(by_8) & set(by_6):
         assert torch.equal(by_8[i], by_6[i]), i
-    plain = views(make_dm(source, tmp_path, size=40).train_loader(0))
+    plain = views(make_dm(source, tmp_path, size=40).loaders().train(0))
     differ = [i for i in by_8 if not torch.equal(by_8[i], plain[i])]
     assert len(differ) == len(by_8)  # the photometric ops changed every view
 
 
 def test_loader_order_is_the_epoch_samplers(source: ImageFolderSource, tmp_path: Path) -> None:
     dm = make_dm(source, tmp_path, size=40)
-    loader = dm.train_loader(4)
+    loader = dm.loaders().train(4)
     assert isinstance(loader, DecodedLoader) and len(loader) == len(dm.train) // 8
     positions, labels = [], []
     for x, y, index in loader:
@@ -124,7 +114,7 @@ def test_loader_order_is_the_epoch_samplers(source: ImageFolderSource, tmp_path:
     assert positions == expected
     assert labels == [dm.train.targets[i] for i in expected]
     # evaluation: every sample once, in dataset order, last batch short
-    batches = list(dm.eval_loader("val"))
+    batches = list(dm.loaders().eval("val"))
     assert [len(b[2]) for b in batches] == [3, 1]
     assert torch.cat([b[2] for b in batches]).tolist() == list(range(len(dm.val)))
     assert torch.cat([b[1] for b in batches]).tolist() == dm.val.targets
@@ -132,20 +122,21 @@ def test_loader_order_is_the_epoch_samplers(source: ImageFolderSource, tmp_path:
 
 def test_crop_none_is_resize_and_normalize(source: ImageFolderSource, tmp_path: Path) -> None:
     dm = make_dm(source, tmp_path, size=40, augment={"crop": "none", "flip": False})
-    x, _, index = next(iter(dm.train_loader(0)))
+    x, _, index = next(iter(dm.loaders().train(0)))
     rows = [dm.train.indices[i] for i in index.tolist()]
-    decoded = torch.from_numpy(np.asarray(dm._decoded_array("train").array[rows]))
+    decoded = torch.from_numpy(np.asarray(dm.decoded("train").array[rows]))
     expected = normalize(tvf.resize(decoded, [24, 24], antialias=True))
     torch.testing.assert_close(x, expected)
 
 
 def test_flip_mirrors_an_asymmetric_image() -> None:
     ramp = torch.arange(16, dtype=torch.uint8).mul(15).expand(6, 3, 16, 16).contiguous()
-    aug = BatchAugment(16, train=True, seed=0, crop="none", flip=True)
+    spec = ViewSpec(16, train=True, crop="none", flip=True)
     index = torch.arange(6)
-    flips = aug.params(0, index, 16).flip
+    params = spec.draw(0, 0, index)
+    flips = params.flip
     assert 0 < int(flips.sum()) < 6  # both cases occur in this batch
-    out = aug(ramp, 0, index)
+    out = render(spec, ramp, params)
     for k in range(6):
         expected = ramp[k].flip(-1) if flips[k] else ramp[k]
         torch.testing.assert_close(out[k], normalize(expected[None])[0])
@@ -156,38 +147,58 @@ def test_pad_and_none_equal_the_pil_path(source: ImageFolderSource, tmp_path, cr
     """Decoded at image_size, the same draws give exactly the PIL path's batches."""
     augment = {"crop": crop, "padding": 3, "flip": True}
     dm = make_dm(source, tmp_path, augment=augment)
-    assert dm._decoded_array("train").size == 24
+    assert dm.decoded("train").size == 24
     pil = DataModule(source, image_size=24, batch_size=8, num_workers=0, seed=3, augment=augment)
-    for (xa, ya, ia), (xb, yb, ib) in zip(dm.train_loader(1), pil.train_loader(1)):
+    for (xa, ya, ia), (xb, yb, ib) in zip(dm.loaders().train(1), pil.loaders().train(1)):
         assert torch.equal(ia, ib) and torch.equal(ya, yb)
         assert torch.equal(xa, xb)
 
 
-def test_resized_crop_follows_torchvision(source: ImageFolderSource, tmp_path: Path) -> None:
-    g = torch.Generator().manual_seed(sample_seed(3, 1, 7))
-    ours = random_resized_crop_params(40, 40, (0.35, 1.0), (3 / 4, 4 / 3), g)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(3, 1, 7))
-        theirs = v2.RandomResizedCrop(24, scale=(0.35, 1.0)).make_params([torch.zeros(3, 40, 40)])
-    assert ours == (theirs["top"], theirs["left"], theirs["height"], theirs["width"])
-    # decoded at the source's 40 px, views differ from the PIL path only by interpolation
+def test_resized_crop_is_one_definition(source: ImageFolderSource, tmp_path: Path) -> None:
+    """Crop windows are drawn once, relative to the image (RandomResizedCrop's ranges), and
+    both pipelines render the same window: decoded at the source's 40 px, views are equal."""
+    spec = ViewSpec(24, scale_min=0.35)
+    boxes = spec.draw(3, 1, torch.arange(500)).boxes
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert bool((boxes >= 0).all() and (boxes <= 1).all())
+    assert bool(((w * h >= 0.35 - 1e-6) & (w * h <= 1 + 1e-6)).all())
+    assert bool(((w / h >= 3 / 4 - 1e-6) & (w / h <= 4 / 3 + 1e-6)).all())
+    assert torch.equal(spec.draw(3, 1, [7]).boxes[0], boxes[7])  # alone or in a batch
     dm = make_dm(source, tmp_path, size=40)
     pil = DataModule(source, image_size=24, batch_size=8, num_workers=0, seed=3)
-    xa, _, ia = next(iter(dm.train_loader(1)))
-    xb, _, ib = next(iter(pil.train_loader(1)))
+    xa, _, ia = next(iter(dm.loaders().train(1)))
+    xb, _, ib = next(iter(pil.loaders().train(1)))
     assert torch.equal(ia, ib)
-    assert (xa - xb).abs().mean() < 0.05
+    torch.testing.assert_close(xa, xb)
     assert (xa - xb.flip(-1)).abs().mean() > 0.2  # a mirrored view would be far off
+
+
+def test_resized_crops_are_distributed_as_torchvisions() -> None:
+    """On a square image the drawn windows follow RandomResizedCrop's distribution: the same
+    mean and spread of area fraction and log aspect ratio (2000 draws each, ~5 sigma)."""
+    n, side = 2000, 1000
+    boxes = ViewSpec(24, scale_min=0.35).draw(0, 0, torch.arange(n)).boxes
+    ours_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    ours_aspect = torch.log((boxes[:, 2] - boxes[:, 0]) / (boxes[:, 3] - boxes[:, 1]))
+    crop = v2.RandomResizedCrop(24, scale=(0.35, 1.0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        theirs = [crop.make_params([torch.zeros(3, side, side)]) for _ in range(n)]
+    their_area = torch.tensor([p["height"] * p["width"] / side**2 for p in theirs])
+    their_aspect = torch.tensor([math.log(p["width"] / p["height"]) for p in theirs])
+    for ours, their in ((ours_area, their_area), (ours_aspect, their_aspect)):
+        assert abs(float(ours.mean() - their.mean())) < 0.02
+        assert abs(float(ours.std() - their.std())) < 0.02
 
 
 def test_second_datamodule_reuses_the_array(source: ImageFolderSource, tmp_path: Path) -> None:
     first = make_dm(source, tmp_path, size=40)
     folders = first.prepare()
-    assert first._decoded_array("train").built
+    assert first.decoded("train").built
     mtime = (folders["train"] / ARRAY_FILE).stat().st_mtime_ns
     second = make_dm(source, tmp_path, size=40)
     assert second.prepare() == folders
-    assert not second._decoded_array("train").built
+    assert not second.decoded("train").built
     assert (folders["train"] / ARRAY_FILE).stat().st_mtime_ns == mtime
     meta = json.loads((folders["train"] / META_FILE).read_text())
     assert meta["shape"] == [36, 3, 40, 40] and meta["size"] == 40
@@ -250,15 +261,15 @@ def test_key_changes_with_the_file_list(image_folder: Path, tmp_path: Path) -> N
     after = ImageFolderSource(str(root))
     assert decode_key(after.item_digest(after.train), 24) != key
     cache = tmp_path / "cache"
-    a = make_dm(before, cache, size=24)._decoded_array("test").path
+    a = make_dm(before, cache, size=24).decoded("test").path
     b_dm = make_dm(after, cache, size=24)
-    assert b_dm._decoded_array("test").path == a  # the test split did not change
-    assert b_dm._decoded_array("train").array.shape[0] == 35
+    assert b_dm.decoded("test").path == a  # the test split did not change
+    assert b_dm.decoded("train").array.shape[0] == 35
 
 
 def test_decode_options(source: ImageFolderSource, tmp_path: Path) -> None:
     plain = DataModule(source, image_size=24, batch_size=8, num_workers=0)
-    assert plain.decode is None and isinstance(plain.train_loader(0), DataLoader)
+    assert plain.decode is None and isinstance(plain.loaders().train(0), DataLoader)
     default = make_dm(source, tmp_path)
     off_cfg = {"enabled": False, "dir": str(tmp_path)}
     assert DataModule(source, image_size=24, batch_size=8, decode=off_cfg).decode is None
@@ -273,15 +284,14 @@ def test_decode_options(source: ImageFolderSource, tmp_path: Path) -> None:
 
 def test_prefetch_thread_stops_and_reports_errors(source: ImageFolderSource, tmp_path) -> None:
     dm = make_dm(source, tmp_path, size=40)
-    batches = iter(dm.train_loader(0))
+    batches = iter(dm.loaders().train(0))
     next(batches)
     assert any(t.name == "decoded-prefetch" for t in threading.enumerate())
     batches.close()  # what breaking out of the loop (max_steps) and dropping it does
     assert not any(t.name == "decoded-prefetch" for t in threading.enumerate())
-    array = dm._decoded_array("train").array
-    bad = DecodedLoader(
-        array, [0, 1, 99], [0, 0, 0], BatchAugment(24, False), 0, 2, False, False, seed=0
-    )
+    array = dm.decoded("train").array
+    sampler = EpochSampler(3, seed=0, shuffle=False)
+    bad = DecodedLoader(array, [0, 1, 99], [0, 0, 0], ViewSpec(24, False), 0, sampler, 2, False)
     with pytest.raises(IndexError):
         list(bad)
 
@@ -289,9 +299,8 @@ def test_prefetch_thread_stops_and_reports_errors(source: ImageFolderSource, tmp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_views_match_cpu_views(source: ImageFolderSource, tmp_path: Path) -> None:
     dm = make_dm(source, tmp_path, size=40)
-    cpu = views(dm.train_loader(1))
-    dm.device = torch.device("cuda")
-    gpu = views(dm.train_loader(1))
+    cpu = views(dm.loaders().train(1))
+    gpu = views(dm.loaders(torch.device("cuda")).train(1))
     assert all(x.is_cuda for x in gpu.values())
     for i in cpu:
         torch.testing.assert_close(gpu[i].cpu(), cpu[i], atol=1e-4, rtol=1e-4)

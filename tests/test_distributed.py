@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conkd.checkpoint import instantiate_model, load_checkpoint
-from conkd.data import EpochSampler
 from conkd.distributed import rank_slice
+from conkd.loaders import EpochSampler
 from tests.conftest import run_cli, tiny_overrides
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from conkd.data import EpochSampler
 from conkd.engine import evaluate
+from conkd.loaders import EpochSampler
 
 
 class FixedLogits(nn.Module):

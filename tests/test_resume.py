@@ -18,6 +18,7 @@ import torch
 
 from benchmarks.fault_resume import compare_runs, fault_run, fault_sweep, write_dataset
 from conkd import checkpoint as ckpt_io
+from conkd.callbacks import CheckpointCallback
 from conkd.errors import ConKDError
 from conkd.run import run
 from tests.conftest import run_cli, tiny_overrides
@@ -36,14 +37,14 @@ def overrides(image_folder: Path, out: Path, store: Path, *extra: str) -> list[s
 
 
 def crash_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    real = ckpt_io.Checkpointer.on_step_end
+    real = CheckpointCallback.on_step_end
 
     def on_step_end(self, state):
         real(self, state)
         if state.step == step:
             raise Crash(f"crash after step {step}")
 
-    monkeypatch.setattr(ckpt_io.Checkpointer, "on_step_end", on_step_end)
+    monkeypatch.setattr(CheckpointCallback, "on_step_end", on_step_end)
 
 
 @pytest.fixture
@@ -226,7 +227,9 @@ def test_sigkill_at_five_points_resumes_bit_identical(tmp_path: Path) -> None:
 def test_stale_runs_are_listed_and_closed(tmp_path: Path) -> None:
     import socket
 
-    from conkd import runs
+    from conkd import maintenance
+    from conkd.owner import RUN_TAGS
+    from conkd.tracking import stale_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -235,29 +238,28 @@ def test_stale_runs_are_listed_and_closed(tmp_path: Path) -> None:
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     host = socket.gethostname()
     tags = {
-        "dead": {runs.HOST_TAG: host, runs.PID_TAG: dead},
-        "alive": {runs.HOST_TAG: host, runs.PID_TAG: str(os.getpid())},
-        "quiet": {runs.HOST_TAG: "elsewhere", runs.HEARTBEAT_TAG: "1000"},
-        "recent": {runs.HOST_TAG: "elsewhere", runs.HEARTBEAT_TAG: str(int(time.time()))},
+        "dead": {RUN_TAGS.host: host, RUN_TAGS.pid: dead},
+        "alive": {RUN_TAGS.host: host, RUN_TAGS.pid: str(os.getpid())},
+        "quiet": {RUN_TAGS.host: "elsewhere", RUN_TAGS.heartbeat: "1000"},
+        "recent": {RUN_TAGS.host: "elsewhere", RUN_TAGS.heartbeat: str(int(time.time()))},
     }  # fmt: skip
     ids = {
         name: client.create_run(exp, run_name=name, tags=t).info.run_id for name, t in tags.items()
     }
-    stale = {r.info.run_name: why for r, why in runs.stale_runs(client)}
+    stale = {r.info.run_name: why for r, why in stale_runs(client)}
     assert set(stale) == {"dead", "quiet"}
     assert stale["dead"] == f"pid {dead} is not running on {host}"
-    assert runs.main(["--tracking-uri", uri, "close-stale"]) == 0
+    assert maintenance.main(["--tracking-uri", uri, "close-stale"]) == 0
     status = {n: client.get_run(i).info.status for n, i in ids.items()}
     assert status == {"dead": "KILLED", "alive": "RUNNING", "quiet": "KILLED", "recent": "RUNNING"}
 
 
 def test_tracking_outage_buffers_metrics_and_sends_them_later(tmp_path: Path, caplog) -> None:
-    from conkd.runs import replay
-    from conkd.tracking import Tracker
+    from conkd.tracking import MLflowTracker, replay
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pending = tmp_path / "out" / "mlflow_pending.json"
-    with Tracker(True, uri, "e", pending_file=pending) as tracker:
+    with MLflowTracker(uri, "e", pending_file=pending) as tracker:
         client, real = tracker.client, tracker.client.log_batch
         down = {"on": True}
 
@@ -278,7 +280,7 @@ def test_tracking_outage_buffers_metrics_and_sends_them_later(tmp_path: Path, ca
     run_id = tracker.run_id
     steps = [(m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "a")]
     assert sorted(steps) == [(0, 1.0), (1, 2.0), (2, 3.0)]
-    assert pending.is_file() and "conkd.runs replay" in caplog.text
+    assert pending.is_file() and "conkd.maintenance replay" in caplog.text
     client = mlflow.MlflowClient(uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # its end is in the file too
     assert replay(client, pending) == 1
@@ -290,6 +292,6 @@ def test_cli_lists_runs(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     client.create_run(client.create_experiment("e"), run_name="orphan")
-    res = run_cli("-m", "conkd.runs", "--tracking-uri", uri, "list", "--older-than", "0")
+    res = run_cli("-m", "conkd.maintenance", "--tracking-uri", uri, "list", "--older-than", "0")
     assert res.returncode == 0, res.stderr
     assert "orphan" in res.stdout and "1 RUNNING, 1 stale" in res.stdout

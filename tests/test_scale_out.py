@@ -71,17 +71,17 @@ def test_runs_that_record_one_dataset_at_once_on_a_server(tmp_path: Path, caplog
     """Trials starting together each record the same dataset input; MLflow's server checks,
     then inserts, so on PostgreSQL all but one used to fail with "duplicate key" (and with them
     their trials). Every run gets its record now."""
-    from conkd.tracking import Tracker
+    from conkd.tracking import MLflowTracker
 
     fingerprint = {"identity": "shared", "digest": "0" * 36, "source": "/data",
                    "classes": ["a"], "sizes": {"train": 1}}  # fmt: skip
     with postgres(tmp_path, ("mlflow",)) as pg:
         backend = f"postgresql+psycopg2://{pg}/mlflow"
         with mlflow_server(backend, tmp_path / "artifacts", tmp_path / "server.log") as url:
-            trackers = [Tracker(True, url, "race").__enter__() for _ in range(6)]
+            trackers = [MLflowTracker(url, "race").__enter__() for _ in range(6)]
             start = threading.Barrier(len(trackers))
 
-            def record(tracker: Tracker) -> None:
+            def record(tracker: MLflowTracker) -> None:
                 start.wait()
                 tracker.log_dataset(fingerprint)
 
@@ -127,11 +127,11 @@ def test_tracking_server_that_goes_away_mid_run(image_folder: Path, tmp_path: Pa
     # the server is gone now; the run goes on
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
-    assert "does not answer" in output and "conkd.runs replay" in output
+    assert "does not answer" in output and "conkd.maintenance replay" in output
     pending = out / "mlflow_pending.json"
     run_id = json.loads(pending.read_text())["run_id"]
     with mlflow_server(db, tmp_path / "artifacts", tmp_path / "server2.log") as url:
-        res = run_cli("-m", "conkd.runs", "--tracking-uri", url, "replay", str(pending))
+        res = run_cli("-m", "conkd.maintenance", "--tracking-uri", url, "replay", str(pending))
         assert res.returncode == 0, res.stderr[-2000:]
         client = mlflow.MlflowClient(url)
         steps = sorted(m.step for m in client.get_metric_history(run_id, "val/top1"))

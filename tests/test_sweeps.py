@@ -297,7 +297,7 @@ def test_parallel_trials_with_joblib(image_folder: Path, tmp_path: Path) -> None
 def test_workers_that_race_settle_on_one_parent_run(tmp_path: Path) -> None:
     """Two workers of one study that both found no parent and created one: each keeps the
     oldest and deletes its own, so every trial nests under the same run."""
-    from conkd.callbacks import MLflowSweepCallback
+    from conkd.tracking import SweepParent
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e")
@@ -305,14 +305,12 @@ def test_workers_that_race_settle_on_one_parent_run(tmp_path: Path) -> None:
     first = client.create_run(exp, tags=tags, start_time=1000).info.run_id
     second = client.create_run(exp, tags=tags, start_time=2000).info.run_id
     client.create_run(exp, tags={**tags, "sweep.study": "other"}, start_time=500)
-    workers = [MLflowSweepCallback(), MLflowSweepCallback()]
-    for w in workers:
-        w.client = client
-    assert workers[1]._settle_parent(exp, "s", second) == first
-    assert workers[0]._settle_parent(exp, "s", first) == first
+    workers = [SweepParent(client, exp), SweepParent(client, exp)]
+    assert workers[1].settle("s", second) == first
+    assert workers[0].settle("s", first) == first
     assert client.get_run(second).info.lifecycle_stage == "deleted"
     assert client.get_run(first).info.lifecycle_stage == "active"
-    assert [r.info.run_id for r in workers[0]._study_parents(exp, "s")] == [first]
+    assert [r.info.run_id for r in workers[0].study_parents("s")] == [first]
 
 
 def test_workers_that_start_together_draw_different_parameters() -> None:
@@ -354,15 +352,15 @@ def test_a_trial_is_marked_by_its_worker_and_an_unmarked_one_is_an_orphan(tmp_pa
     is an orphan once older than the few milliseconds marking takes."""
     import socket
 
-    from conkd.runs import STALE_AFTER_S
-    from conkd.sweep import HOST_ATTR, PID_ATTR, StudyTrials, open_storage
+    from conkd.owner import STALE_AFTER_S, TRIAL_ATTRS
+    from conkd.sweep import StudyTrials, open_storage
     from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import claim, orphan_reason
 
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(study_name="s", storage=storage)
     trials = StudyTrials(storage, "s")
     mine = trials.get(claim(study).number)
-    assert (mine.user_attrs[HOST_ATTR], mine.user_attrs[PID_ATTR]) == (
+    assert (mine.user_attrs[TRIAL_ATTRS.host], mine.user_attrs[TRIAL_ATTRS.pid]) == (
         socket.gethostname(),
         os.getpid(),
     )
@@ -377,16 +375,16 @@ def test_a_trial_is_marked_by_its_worker_and_an_unmarked_one_is_an_orphan(tmp_pa
     # marked by a worker that has exited
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
-    trials.mark(bare.number, HOST_ATTR, socket.gethostname())
-    trials.mark(bare.number, PID_ATTR, int(done.stdout))
+    trials.mark(bare.number, TRIAL_ATTRS.host, socket.gethostname())
+    trials.mark(bare.number, TRIAL_ATTRS.pid, int(done.stdout))
     why = orphan_reason(trials.get(bare.number), STALE_AFTER_S)
     assert why == f"pid {int(done.stdout)} is not running on {socket.gethostname()}"
     # a queued trial is marked by the worker that runs it, not by the one that queued it
     study.enqueue_trial({"x": 1.0}, user_attrs={"conkd:resume": "last.pt"})
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))[0]
-    assert PID_ATTR not in waiting.user_attrs
+    assert TRIAL_ATTRS.pid not in waiting.user_attrs
     popped = trials.get(claim(study).number)
-    assert popped.number == waiting.number and popped.user_attrs[PID_ATTR] == os.getpid()
+    assert popped.number == waiting.number and popped.user_attrs[TRIAL_ATTRS.pid] == os.getpid()
     assert popped.user_attrs["conkd:resume"] == "last.pt"
 
 

@@ -8,6 +8,7 @@ the concurrency test import only torch and conkd.teacher_cache.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -128,7 +129,8 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def data(image_folder: Path) -> Any:
-    from conkd.data import DataModule, ImageFolderSource
+    from conkd.data import DataModule
+    from conkd.sources import ImageFolderSource
 
     source = ImageFolderSource(str(image_folder))
     return DataModule(source, image_size=32, batch_size=8, num_workers=0, seed=11)
@@ -144,12 +146,12 @@ def teacher() -> nn.Module:
 
 
 def fields_for(data: Any, teacher: nn.Module, **changes: Any) -> dict[str, Any]:
-    """The key fields a run passes (the shapes of run.cache_fields)."""
+    """Key fields of the shapes a run passes (conkd.teacher.cache_fields)."""
     fields = {
         "teacher_weights": state_dict_digest(teacher),
         "data": data.fingerprint()["digest"],
         "pipeline": data.pipeline(),
-        "augment": data.augment,
+        "augment": dataclasses.asdict(data.spec),
         "image_size": data.image_size,
         "seed": data.seed,
         "epochs": EPOCHS,
@@ -171,8 +173,8 @@ def counting_build(
         return TeacherCache.build(
             directory,
             teacher,
-            data.train_loader,
-            data.eval_loader("val"),
+            data.loaders().train,
+            data.loaders().eval("val"),
             epochs=fields["epochs"],
             max_steps=fields["max_steps_per_epoch"],
             outputs=fields["outputs"],
@@ -211,7 +213,7 @@ def entries(root: Path) -> list[str]:
 
 def student_batches(data: Any, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """The batches the training loop sees in ``epoch`` (the first MAX_STEPS)."""
-    for step, batch in enumerate(data.train_loader(epoch)):
+    for step, batch in enumerate(data.loaders().train(epoch)):
         if step >= MAX_STEPS:
             return
         yield batch
@@ -239,7 +241,7 @@ def test_cached_outputs_equal_the_online_teacher(data: Any, teacher: nn.Module, 
 def test_validation_lookups_equal_the_online_teacher(data: Any, teacher: nn.Module, built) -> None:
     cache, _, _ = built
     seen = 0
-    for x, _, index in data.eval_loader("val"):
+    for x, _, index in data.loaders().eval("val"):
         with torch.no_grad():
             expected = teacher(x)
         got = cache(x, None, index)
@@ -311,7 +313,7 @@ def test_keys(data: Any, teacher: nn.Module) -> None:
         fields_for(data, teacher, max_steps_per_epoch=None),
         fields_for(data, teacher, precision="bf16"),
         fields_for(data, teacher, outputs=["logits"]),
-        fields_for(data, teacher, augment={**data.augment, "flip": False}),
+        fields_for(data, teacher, augment={**dataclasses.asdict(data.spec), "flip": False}),
     ]
     keys = {cache_key(f) for f in changed}
     assert len(keys) == len(changed) and cache_key(fields) not in keys

@@ -389,7 +389,7 @@ def test_dataset_input_survives_the_stores_insert_race(tmp_path: Path, caplog) -
     store that keeps refusing costs a warning, never the training run."""
     from mlflow.exceptions import MlflowException
 
-    from conkd.tracking import Tracker
+    from conkd.tracking import MLflowTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     fingerprint = {"identity": "imagenette", "digest": "d" * 40, "source": "/data",
@@ -398,7 +398,7 @@ def test_dataset_input_survives_the_stores_insert_race(tmp_path: Path, caplog) -
         "BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique "
         'constraint "dataset_pk"'
     )
-    with Tracker(True, uri, "e") as tracker:
+    with MLflowTracker(uri, "e") as tracker:
         real, calls = tracker.client.log_inputs, []
 
         def log_inputs(*args, **kwargs):
@@ -425,13 +425,13 @@ def test_dataset_input_survives_the_stores_insert_race(tmp_path: Path, caplog) -
 
 def test_a_continued_run_gets_tags_it_lacks(tmp_path: Path) -> None:
     """A run started before a tag existed (conkd.device) gets it when it is continued."""
-    from conkd.tracking import Tracker
+    from conkd.tracking import MLflowTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with Tracker(True, uri, "e", tags={"stage": "teacher"}) as first:
+    with MLflowTracker(uri, "e", tags={"stage": "teacher"}) as first:
         pass
-    with Tracker(True, uri, "e", tags={"stage": "teacher", "conkd.device": "cpu (2 threads)"},
-                 resume_run_id=first.run_id) as again:  # fmt: skip
+    with MLflowTracker(uri, "e", tags={"stage": "teacher", "conkd.device": "cpu (2 threads)"},
+                       resume_run_id=first.run_id) as again:  # fmt: skip
         assert again.resumed and again.run_id == first.run_id
     tags = mlflow.MlflowClient(uri).get_run(first.run_id).data.tags
     assert tags["conkd.device"] == "cpu (2 threads)" and tags["stage"] == "teacher"
@@ -440,10 +440,11 @@ def test_a_continued_run_gets_tags_it_lacks(tmp_path: Path) -> None:
 def test_activating_a_run_leaves_the_next_runs_store_alone(
     tmp_path: Path, monkeypatch, request
 ) -> None:
-    """``Tracker.active`` (used to log models) must restore "no tracking URI set": a sweep's next
-    trial in the same process then resolves the project store again, not MLflow's default
-    ``sqlite:///mlflow.db`` in the working directory (which trials 1.. of a sweep used to get)."""
-    from conkd.tracking import Tracker, default_store
+    """``MLflowTracker.active`` (used to log models) must restore "no tracking URI set": a
+    sweep's next trial in the same process then resolves the project store again, not MLflow's
+    default ``sqlite:///mlflow.db`` in the working directory (which trials 1.. of a sweep used to
+    get)."""
+    from conkd.tracking import MLflowTracker, default_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -451,12 +452,12 @@ def test_activating_a_run_leaves_the_next_runs_store_alone(
     request.addfinalizer(lambda: mlflow.set_tracking_uri(None))  # also when an assert fails
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
-    with Tracker(True, uri, "e") as tracker, tracker.active():
+    with MLflowTracker(uri, "e") as tracker, tracker.active():
         assert mlflow.get_tracking_uri() == uri
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert resolve_store(tmp_path / "project", None) == default_store(tmp_path / "project")
     # an explicitly set URI is put back as it was
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
-    with Tracker(True, uri, "e") as tracker, tracker.active():
+    with MLflowTracker(uri, "e") as tracker, tracker.active():
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/mlflow.db"

@@ -29,11 +29,11 @@ def test_teacher_run_writes_checkpoints(teacher_run: Path) -> None:
 def test_student_distils_from_teacher_checkpoint(
     compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import conkd.run as run_module
+    import conkd.teacher as teacher_module
 
     loaded = []
-    real = run_module.online_teacher
-    monkeypatch.setattr(run_module, "online_teacher", lambda t: loaded.append(t) or real(t))
+    real = teacher_module.online_teacher
+    monkeypatch.setattr(teacher_module, "online_teacher", lambda t: loaded.append(t) or real(t))
     cfg = compose_cfg(
         [
             "loss=lsd+supcon",

@@ -11,9 +11,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conkd.data import DataModule, ImageFolderSource
+from conkd.data import DataModule
 from conkd.errors import ConKDError
 from conkd.run import run
+from conkd.sources import ImageFolderSource
 from conkd.teacher import registry_name
 from tests.conftest import run_cli, tiny_overrides
 

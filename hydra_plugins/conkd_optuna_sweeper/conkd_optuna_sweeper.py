@@ -36,8 +36,6 @@ space parsing, trial configuration and launching are the released sweeper's.
 import functools
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,13 +59,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from conkd.cli import exit_with
 from conkd.errors import ConKDError
-from conkd.runs import STALE_AFTER_S, process_gone
+from conkd.owner import STALE_AFTER_S, TRIAL_ATTRS, Owner
 from conkd.sweep import (
     CHECKPOINT_ATTR,
-    HEARTBEAT_ATTR,
-    HOST_ATTR,
     INTERRUPTED_ATTR,
-    PID_ATTR,
     PRUNED_ATTR,
     RESUME_ATTR,
     TRIAL_KEY,
@@ -99,11 +94,12 @@ def count_trials(study: optuna.Study, running: bool = True) -> tuple[int, int]:
 
 
 def claim(study: optuna.Study) -> optuna.Trial:
-    """``study.ask()``: a new trial, or a queued one, marked at once with this worker (host and
-    pid), so that other workers can tell a live trial from an orphan (:func:`orphan_reason`)."""
+    """``study.ask()``: a new trial, or a queued one, marked at once with this worker's owner
+    record (host, pid, heartbeat), so that other workers can tell a live trial from an orphan
+    (:func:`orphan_reason`)."""
     trial = study.ask()
-    trial.set_user_attr(HOST_ATTR, socket.gethostname())
-    trial.set_user_attr(PID_ATTR, os.getpid())
+    for key, value in Owner.here().marks(TRIAL_ATTRS).items():
+        trial.set_user_attr(key, value)
     return trial
 
 
@@ -112,10 +108,9 @@ def orphan_reason(t: FrozenTrial, stale_after_s: float, now: float | None = None
     or its host sent no heartbeat for ``stale_after_s``, or its worker never marked it."""
     attrs, now = t.user_attrs, time.time() if now is None else now
     started = t.datetime_start.timestamp() if t.datetime_start else now
-    if PID_ATTR not in attrs:
+    if TRIAL_ATTRS.pid not in attrs:
         return "its worker stopped before marking it" if now - started > UNCLAIMED_AFTER_S else None
-    beat = float(attrs.get(HEARTBEAT_ATTR) or started)
-    return process_gone(attrs.get(HOST_ATTR), attrs[PID_ATTR], beat, now, stale_after_s)
+    return Owner.read(attrs, TRIAL_ATTRS).gone(started, now, stale_after_s)
 
 
 class TrialSeeded(BaseSampler):
