@@ -130,7 +130,8 @@ def finish(args: list[str], nproc: int = 1) -> None:
 
 
 def compare_runs(ref: Path, other: Path) -> list[str]:
-    """What differs between two finished runs: weights, optimizer state, metrics."""
+    """What differs between two finished runs: weights (and their average), optimizer state,
+    metrics."""
     import torch
 
     from conkd.checkpoint import load_checkpoint
@@ -142,6 +143,9 @@ def compare_runs(ref: Path, other: Path) -> list[str]:
             if not torch.equal(t, b["state_dict"][key]):
                 out.append(f"{name}: weight {key} differs")
         if name == "last.pt":
+            for key, t in (a.get("average") or {}).items():  # the weights' EMA, when kept
+                if not torch.equal(t, (b.get("average") or {}).get(key, torch.empty(0))):
+                    out.append(f"{name}: weight average {key} differs")
             sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
             for i in sa:
                 if any(not torch.equal(sa[i][k], sb[i][k]) for k in sa[i]):

@@ -24,6 +24,7 @@ from torch import nn
 
 from conkd import checkpoint as ckpt_io
 from conkd import distributed
+from conkd.averaging import weight_average
 from conkd.data import DataModule
 from conkd.engine import Job, Options, TeacherFn
 from conkd.errors import ConKDError
@@ -155,7 +156,11 @@ def teacher_hint(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> str:
 
 
 def teacher_settings(
-    cfg: DictConfig, data: DataModule, tracking_uri: str, hydra_cfg: Mapping[str, Any] | None
+    cfg: DictConfig,
+    data: DataModule,
+    tracking_uri: str,
+    hydra_cfg: Mapping[str, Any] | None,
+    world: int = 1,
 ) -> TeacherSettings:
     """What this run asks of its teacher (:func:`conkd.teacher.teacher_function`), read from
     the config: the checkpoint, the model it must be, the cache policy, the loop's numerics
@@ -176,6 +181,7 @@ def teacher_settings(
         precision=str(cfg.trainer.precision),
         channels_last=cfg.trainer.channels_last,
         progress=cfg.trainer.progress,
+        world=world,
         key_values=teacher_values(flatten(resolved)),
     )
 
@@ -196,7 +202,7 @@ def build_objective(cfg: DictConfig) -> Objective:
 def build_optimization(
     cfg: DictConfig, model: nn.Module, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, Any]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, cfg.trainer.decay_norms_and_biases)
     try:
         optimizer = build(cfg.optimizer, "optimizer config")(params)
     except (ValueError, AssertionError) as err:
@@ -207,6 +213,19 @@ def build_optimization(
             optimizer, total_steps=steps_per_epoch * cfg.trainer.epochs
         )
     return optimizer, scheduler
+
+
+def param_groups(model: nn.Module, decay_norms_and_biases: bool = True) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one, or (``decay_norms_and_biases=false``)
+    the weights apart from norm scales and biases, which get no weight decay ("Bag of Tricks",
+    He et al. 2019; timm's ``param_groups_weight_decay``): decaying BatchNorm's gamma only
+    fights the scale invariance it already has."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if decay_norms_and_biases:
+        return [{"params": [p for _, p in trainable]}]
+    flat = [p for n, p in trainable if p.ndim <= 1 or n.endswith(".bias")]
+    weights = [p for n, p in trainable if not (p.ndim <= 1 or n.endswith(".bias"))]
+    return [{"params": weights}, {"params": flat, "weight_decay": 0.0}]
 
 
 def build_job(
@@ -223,7 +242,10 @@ def build_job(
     unused_head = (
         getattr(model, "projector", None) is not None and "projection" not in objective.inputs
     )
-    model = distributed.wrap(model.to(device, memory_format=memory), ctx, device, not unused_head)
+    model = model.to(device, memory_format=memory)
+    decay = cfg.trainer.ema_decay
+    average = weight_average(model, decay) if decay is not None else None  # before compiling
+    model = distributed.wrap(model, ctx, device, not unused_head)
     if cfg.trainer.compile:
         model.compile()  # in place: state_dict keys and checkpoints stay as without it
     steps_per_epoch = len(data.train) // data.batch_size
@@ -241,7 +263,8 @@ def build_job(
         grad_clip=cfg.trainer.grad_clip,
         progress=cfg.trainer.progress and ctx.is_main,
     )
-    return Job(model, objective, optimizer, scheduler, device, options, teacher_fn)
+    return Job(model, objective, optimizer, scheduler, device, options, teacher_fn, data.mixer,
+               average)  # fmt: skip
 
 
 def tracking_store(cfg: DictConfig) -> tuple[str, str | None]:

@@ -196,7 +196,9 @@ class Checkpointer:
     metrics); :class:`conkd.callbacks.CheckpointCallback` says when.
 
     ``extra`` is stored in every checkpoint (classes, stage, resolved config, MLflow run id), so
-    ``eval.py`` and students can use a checkpoint without the run's config.
+    ``eval.py`` and students can use a checkpoint without the run's config. With a weight
+    average (``average``, :mod:`conkd.averaging`) ``best.pt`` holds the averaged weights (the
+    ones validated, so students and the teacher cache distil from them) and ``last.pt`` both.
     """
 
     directory: Path
@@ -205,6 +207,7 @@ class Checkpointer:
     optimizer: torch.optim.Optimizer
     scheduler: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    average: nn.Module | None = None
 
     def save_last(self, state: Any, **info: Any) -> None:
         """Everything an exact resume needs, as ``last.pt`` (the previous one kept)."""
@@ -217,20 +220,32 @@ class Checkpointer:
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             rng=rng_state(),
             train_state=state.state_dict(),
+            average=self.average.state_dict() if self.average is not None else None,
             **info,
             **self.extra,
         )
 
     def save_best(self, **info: Any) -> None:
-        """The weights of a new best epoch, as ``best.pt``, with ``info`` (epoch, metrics)."""
-        save_checkpoint(self.directory / "best.pt", self.model, self.spec, **info, **self.extra)
+        """The weights of a new best epoch (the average's, when kept), as ``best.pt``, with
+        ``info`` (epoch, metrics)."""
+        model = self.model if self.average is None else self.average.module
+        save_checkpoint(self.directory / "best.pt", model, self.spec, **info, **self.extra)
 
 
 def restore(
-    ckpt: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ckpt: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    average: nn.Module | None = None,
 ) -> None:
-    """Load a resume checkpoint's weights, optimizer, scheduler and RNG states in place."""
+    """Load a resume checkpoint's weights, weight average, optimizer, scheduler and RNG states
+    in place."""
     model.load_state_dict(ckpt["state_dict"])
+    if average is not None:
+        if ckpt.get("average") is None:
+            raise ConKDError(f"{ckpt.get('path', 'the checkpoint')} keeps no weight average")
+        average.load_state_dict(ckpt["average"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler") is not None:
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -82,5 +82,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConKDError(f"objective_mode must be max or min, got {cfg.objective_mode!r}")
     if cfg.trainer.epochs < 1:
         raise ConKDError(f"trainer.epochs must be >= 1, got {cfg.trainer.epochs}")
+    decay = cfg.trainer.get("ema_decay")
+    if decay is not None and not 0 < decay < 1:
+        raise ConKDError(f"trainer.ema_decay must be in (0, 1) or null, got {decay}")
     if str(cfg.trainer.precision) not in ("32", "bf16"):
         raise ConKDError(f"trainer.precision must be 32 or bf16, got {cfg.trainer.precision!r}")

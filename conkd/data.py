@@ -9,6 +9,7 @@ decode-once one (:mod:`conkd.decoded`) with ``dataset.decode``. Its :meth:`finge
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -68,6 +69,16 @@ def _decode_options(decode: dict[str, Any] | None, spec: ViewSpec) -> dict[str, 
     }
 
 
+def _mix_spec(mix: dict[str, Any] | None) -> views.MixSpec:
+    """``dataset.mix`` as a :class:`conkd.views.MixSpec`, its keys checked."""
+    options = dict(mix or {})
+    known = {f.name for f in dataclasses.fields(views.MixSpec)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConKDError(f"unknown dataset.mix keys {unknown}; expected some of {sorted(known)}")
+    return views.MixSpec(**{k: float(v) for k, v in options.items()})
+
+
 def _split(targets: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split where every class can be represented, else a plain random one."""
     idx = np.arange(len(targets))
@@ -94,6 +105,9 @@ class DataModule:
     The validation split (for model selection) is a stratified ``val_fraction`` of the source's
     train split drawn with ``split_seed``; the source's test split is only used for the final
     evaluation of the best checkpoint. ``augment`` is the train view (:class:`ViewSpec`).
+
+    ``mix`` (``dataset.mix``, :class:`conkd.views.MixSpec`) mixes training batches (mixup,
+    cutmix) on the training device; :attr:`mixer` is what the loop and the teacher cache apply.
 
     ``decode`` switches to the decode-once pipeline (:mod:`conkd.decoded`): each split is decoded
     once into a uint8 array on disk and batches are rendered with tensor ops on the training
@@ -128,6 +142,7 @@ class DataModule:
         augment: dict[str, Any] | None = None,
         pin_memory: bool = False,
         decode: dict[str, Any] | None = None,
+        mix: dict[str, Any] | None = None,
     ) -> None:
         _check_sizes(image_size, batch_size, val_fraction, source)
         self.source = source
@@ -153,10 +168,16 @@ class DataModule:
             )
         self.decode = _decode_options(decode, self.spec)
         self._decoded: dict[str, DecodedArray] = {}
+        self.mixing = _mix_spec(mix)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def mixer(self) -> views.Mixer | None:
+        """The training batches' mixing under the run's seed; None when ``mix`` is off."""
+        return views.Mixer(self.mixing, self.seed) if self.mixing.enabled else None
 
     def loaders(self, device: torch.device | str = "cpu", rank: int = 0, world: int = 1) -> Loaders:
         """The run's loaders for this process: rendered on ``device`` (decode-once; PIL batches
@@ -179,8 +200,9 @@ class DataModule:
         PIL path or the decode-once path at a given size. Their views start from other pixels
         (resized crops are taken from the decoded image), so caches of per-view outputs must
         key on this."""
+        mixing = {"mix": dataclasses.asdict(self.mixing)} if self.mixing.enabled else {}
         if self.decode is None:
-            return {"kind": "pil", "image_size": self.image_size, "views": views.VERSION}
+            return {"kind": "pil", "image_size": self.image_size, "views": views.VERSION, **mixing}
         return {
             "kind": "decoded",
             "views": views.VERSION,
@@ -188,6 +210,7 @@ class DataModule:
             "decode_size": self.decode["size"],
             "resize": RESIZE_METHOD,
             "format_version": FORMAT_VERSION,
+            **mixing,
         }
 
     def prepare(self) -> dict[str, Path]:

@@ -28,6 +28,7 @@ from conkd import distributed
 from conkd.callbacks import Callback
 from conkd.errors import DivergedError
 from conkd.state import TrainState
+from conkd.views import Mixer
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -92,6 +93,13 @@ class Job:
     device: torch.device
     options: Options
     teacher: TeacherFn | None = None
+    mix: Mixer | None = None  # batch mixing (dataset.mix), applied before both networks
+    average: nn.Module | None = None  # the weights' EMA (conkd.averaging), validated if kept
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network validation measures and ``best.pt`` keeps: the EMA when one is kept."""
+        return self.model if self.average is None else self.average.module
 
 
 def _check_finite(x: Tensor, terms: Mapping[str, Tensor], epoch: int, batch: int) -> None:
@@ -146,15 +154,21 @@ def train_one_epoch(
         if state.batch >= total:
             break
         x, y = to_device(x, device, opts.channels_last), y.to(device, non_blocking=True)
+        mixed = None
+        if job.mix is not None:  # the teacher sees the mixed images too (function matching)
+            x, mixed = job.mix(x, epoch, state.batch)
+            x = to_device(x, device, opts.channels_last)  # keep the memory format
         with autocast(device, opts.precision):
             t_out = job.teacher(x, epoch, index) if job.teacher is not None else None
-            terms = job.objective(model(x), t_out, y)
+            terms = job.objective(model(x), t_out, y, mixed)
         _check_finite(x, terms, epoch, state.batch)
         job.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if opts.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
         job.optimizer.step()
+        if job.average is not None:
+            job.average.update_parameters(distributed.unwrap(model))
         if job.scheduler is not None:
             job.scheduler.step()
         n = _accumulate(state, terms, y.shape[0])
@@ -232,7 +246,7 @@ def validate(job: Job, loader: Iterable) -> dict[str, float]:
     """The job's validation metrics, loss terms included (the teacher's val outputs too)."""
     opts = job.options
     metrics, _ = evaluate(
-        job.model,
+        job.evaluated,
         loader,
         job.device,
         opts.num_classes,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conkd import distributed
+from conkd.views import Mix, partners
 
 #: Network outputs a term may consume (see :class:`conkd.models.Network`).
 OUTPUTS = ("logits", "embedding", "projection")
@@ -119,6 +120,7 @@ class CrossEntropy(nn.Module):
     """Cross-entropy on the student's class logits against the labels (teacher unused)."""
 
     needs_teacher = False
+    uses_labels = True
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -170,6 +172,7 @@ class SupConLoss(TemperatureLoss):
     Contrastive Learning", NeurIPS 2020); see :func:`supcon_loss` for the exact form."""
 
     needs_teacher = False
+    uses_labels = True
 
     def __init__(self, temperature: float = 0.07, base_temperature: float | None = None) -> None:
         super().__init__(temperature)
@@ -201,9 +204,22 @@ class Term(nn.Module):
     def needs_teacher(self) -> bool:
         return bool(getattr(self.loss, "needs_teacher", False))
 
+    @property
+    def uses_labels(self) -> bool:
+        return bool(getattr(self.loss, "uses_labels", False))
+
     def forward(
-        self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None, labels: Tensor
+        self,
+        student: Mapping[str, Tensor],
+        teacher: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        mix: Mix | None = None,
     ) -> Tensor:
+        """The term's loss; on a mixed batch a loss of the labels is mixed as the images were:
+        ``lam * L(labels) + (1 - lam) * L(partners' labels)`` (Zhang et al. 2018), which for
+        cross-entropy equals CE against the mixed one-hot targets. A teacher term needs no
+        such step: the teacher saw the same mixed images ("function matching", Beyer et al.
+        2022)."""
         if student.get(self.input) is None:
             raise ValueError(
                 f"loss term reads the student's {self.input!r}, which this model does not produce "
@@ -214,7 +230,11 @@ class Term(nn.Module):
             if teacher is None or teacher.get(self.input) is None:
                 raise ValueError(f"loss term needs the teacher's {self.input!r}")
             t = teacher[self.input]
-        return self.loss(student[self.input], t, labels)
+        value = self.loss(student[self.input], t, labels)
+        if mix is not None and self.uses_labels:
+            other = self.loss(student[self.input], t, partners(labels))
+            value = torch.lerp(other, value, mix.lam)
+        return value
 
 
 class Objective(nn.Module):
@@ -247,12 +267,17 @@ class Objective(nn.Module):
         return sorted({t.input for t in self.terms.values() if t.needs_teacher})
 
     def forward(
-        self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None, labels: Tensor
+        self,
+        student: Mapping[str, Tensor],
+        teacher: Mapping[str, Tensor] | None,
+        labels: Tensor,
+        mix: Mix | None = None,
     ) -> dict[str, Tensor]:
+        """The weighted total and each term; ``mix``: the batch's mixing (see :class:`Term`)."""
         out: dict[str, Tensor] = {}
         total = None
         for name, term in self.terms.items():
-            value = term(student, teacher, labels)
+            value = term(student, teacher, labels, mix)
             out[name] = value.detach()
             weighted = value * term.weight
             total = weighted if total is None else total + weighted

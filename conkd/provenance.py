@@ -76,6 +76,8 @@ TABLE: dict[str, tuple[Effect, str]] = {
     "trainer.device": (RESULT, "other kernels; a cache built on one device serves another"),
     "trainer.compile": (RESULT, "other kernels for the trained network"),
     "trainer.grad_clip": (RESULT, "the updates"),
+    "trainer.ema_decay": (RESULT, "the weights validated, tested and kept"),
+    "trainer.decay_norms_and_biases": (RESULT, "the updates"),
     "trainer.progress": (OPERATIONAL, "progress bars"),
     "trainer.checkpoint_every_steps": (OPERATIONAL, "how often last.pt is written"),
     # the data
@@ -91,6 +93,7 @@ TABLE: dict[str, tuple[Effect, str]] = {
     "dataset.batch_size": (TEACHER, "which views share a batch, and how many batches"),
     "dataset.eval_batch_size": (RESULT, "validation batches (evaluation numerics)"),
     "dataset.augment": (TEACHER, "the views"),
+    "dataset.mix": (TEACHER, "the mixed batches both networks see"),
     "dataset.num_workers": (OPERATIONAL, "loader processes; views are seeded per sample"),
     "dataset.pin_memory": (OPERATIONAL, "host memory pinning"),
     "dataset.decode.enabled": (TEACHER_DIGEST, "the view pipeline (decoded or PIL)"),

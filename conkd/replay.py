@@ -6,8 +6,10 @@ takes them), and the validation batches in order. :meth:`Replay.run` runs the fr
 those same batches, in eval mode, without gradients, with the run's autocast and memory format,
 so its numbers are those the online teacher gives the student; each output is handed on as
 float16 rows (checked finite: float16 is what :mod:`conkd.teacher_cache` stores) with the
-batch's dataset positions. Kept apart from the cache's file format so that the two can be read
-(and changed) on their own.
+batch's dataset positions. With the run's batch mixing (:class:`conkd.views.Mixer`) each
+training batch is mixed first, exactly as the loop mixes it ("function matching", Beyer et al.
+2022), so every row is the teacher's output on the mixed image the student sees. Kept apart
+from the cache's file format so that the two can be read (and changed) on their own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from conkd.engine import autocast, to_device
 from conkd.errors import ConKDError
+from conkd.views import Mixer
 
 #: The network, or any callable with its output dict (``{"logits": ..., "projection": ...}``).
 Teacher = nn.Module | Callable[[Tensor], Mapping[str, Tensor | None]]
@@ -69,6 +72,7 @@ class Replay:
     device: torch.device = torch.device("cpu")
     precision: str = "32"
     channels_last: bool = False
+    mix: Mixer | None = None  # the student's batch mixing, replayed on each training batch
 
     def check(self) -> None:
         """Refuse a replay whose shape or settings cannot give a usable cache."""
@@ -105,6 +109,8 @@ class Replay:
                 for step, (x, _, index) in enumerate(loader):
                     if self.max_steps is not None and step >= self.max_steps:
                         break
+                    if self.mix is not None:  # as the loop mixes batch `step` of `epoch`
+                        x, _ = self.mix(to_device(x, self.device, self.channels_last), epoch, step)
                     idx = positions(index)
                     sink(epoch, idx, self.rows(teacher, x, idx, "train"))
                     bar.update()

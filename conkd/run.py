@@ -93,7 +93,7 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
     model, spec = builders.build_model(cfg, data, objective)
     teacher_fn, teacher_tags, cache_metrics = None, {}, {}
     if objective.needs_teacher:
-        settings = builders.teacher_settings(cfg, data, store[0], hydra_cfg)
+        settings = builders.teacher_settings(cfg, data, store[0], hydra_cfg, ctx.world)
         teacher_fn, teacher_tags, cache_metrics = teacher_function(
             settings, data, objective.teacher_inputs, device
         )
@@ -158,7 +158,8 @@ def callbacks(cfg: DictConfig, parts: Parts, resolved: dict[str, Any]) -> list[C
         "views": views.VERSION,
     }
     model = distributed.unwrap(job.model)
-    writer = Checkpointer(parts.ckpt_dir, model, parts.spec, job.optimizer, job.scheduler, extra)
+    writer = Checkpointer(parts.ckpt_dir, model, parts.spec, job.optimizer, job.scheduler, extra,
+                          job.average)  # fmt: skip
     return [
         HeartbeatCallback(parts.tracker, reporter),
         *([PruningCallback(reporter)] if reporter is not None else []),
@@ -175,7 +176,7 @@ def start_state(parts: Parts, cbs: list[Callback]) -> TrainState:
     if ckpt is None:
         return TrainState()
     job = parts.job
-    ckpt_io.restore(ckpt, distributed.unwrap(job.model), job.optimizer, job.scheduler)
+    ckpt_io.restore(ckpt, distributed.unwrap(job.model), job.optimizer, job.scheduler, job.average)
     state = TrainState.from_state_dict(ckpt["train_state"])
     source_best = Path(ckpt["path"]).parent / "best.pt"
     own_best = parts.ckpt_dir / "best.pt"

@@ -53,6 +53,8 @@ class TrainerConf:
     channels_last: bool = False
     compile: bool = False
     grad_clip: Optional[float] = None  # noqa: UP045
+    ema_decay: Optional[float] = None  # noqa: UP045
+    decay_norms_and_biases: bool = True
     checkpoint_every_steps: Optional[int] = None  # noqa: UP045
     progress: bool = True
 

@@ -161,6 +161,7 @@ class TeacherSettings:
     precision: str
     channels_last: bool
     progress: bool
+    world: int = 1  # torchrun processes (a mixed batch's partners are within a rank's share)
     #: The config values the teacher's outputs depend on as they are
     #: (:func:`conkd.provenance.teacher_values` of the resolved config).
     key_values: Mapping[str, Any] = field(default_factory=dict)
@@ -197,6 +198,12 @@ def teacher_function(
     size_gb = estimate_cache_bytes(settings, data, outputs) / 1e9
     if not settings.cache.use(size_gb):
         return ServedTeacher(online_teacher(network()), {**found.tags, "teacher.cache": "off"}, {})
+    if data.mixer is not None and settings.world > 1:
+        # each rank mixes its share of the batch with partners from that share: the whole
+        # batches a cache is built from pair other images
+        raise ConKDError(
+            "dataset.mix under torchrun needs the online teacher: set teacher_cache.enabled=false"
+        )
     fields = cache_fields(found, data, outputs, settings.key_values)
 
     def build(directory: Path) -> TeacherCache:
@@ -206,7 +213,7 @@ def teacher_function(
             epochs=settings.epochs, max_steps=settings.max_steps, outputs=outputs,
             n_train=len(data.train), n_val=len(data.val), device=device,
             precision=settings.precision, channels_last=settings.channels_last, fields=fields,
-            progress=settings.progress,
+            progress=settings.progress, mix=data.mixer,
         )  # fmt: skip
 
     cache, built = TeacherCache.ensure(settings.cache.directory, fields, build)

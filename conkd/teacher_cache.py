@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from conkd import store
 from conkd.errors import ConKDError
 from conkd.replay import Replay, Teacher, evaluating, positions
+from conkd.views import Mixer
 
 #: Bumped whenever the layout or meaning of the files changes; part of every key, so an old
 #: cache is never read by new code (it gets a new folder instead).
@@ -306,6 +307,7 @@ class TeacherCache:
         channels_last: bool = False,
         fields: Mapping[str, Any] | None = None,
         progress: bool = True,
+        mix: Mixer | None = None,
     ) -> TeacherCache:
         """Run ``teacher`` over exactly the batches the student will see and write the cache.
 
@@ -314,12 +316,14 @@ class TeacherCache:
         ``[e, i]``; then every ``val_loader`` batch at ``[i]``. The teacher (already on
         ``device``) runs in eval mode, no_grad, with the run's autocast and memory format, so
         the numbers are those the online teacher gives; its train/eval mode is restored.
-        Written through :func:`conkd.store.build_folder` into ``directory`` (which must not
-        exist). Returns the opened cache.
+        With ``mix`` each training batch is mixed first, as the loop mixes it, so the rows are
+        the teacher's outputs on exactly the mixed images the student sees. Written through
+        :func:`conkd.store.build_folder` into ``directory`` (which must not exist). Returns the
+        opened cache.
         """
         start = time.perf_counter()
         replay = Replay(list(outputs), epochs, n_train, n_val, max_steps, torch.device(device),
-                        precision, bool(channels_last))  # fmt: skip
+                        precision, bool(channels_last), mix)  # fmt: skip
         replay.check()
 
         def write(tmp: Path) -> dict[str, Any]:

@@ -9,7 +9,9 @@ matter. That is what an exact resume needs, and what caching the teacher's outpu
 * :meth:`ViewSpec.draw` turns ``(seed, epoch, index)`` into :class:`ViewParams`: a crop window
   in *relative* coordinates (so it means the same on the source image and on its decoded copy),
   a padded-crop offset, a flip and the seed of the photometric ops;
-* :func:`render` applies them to a uint8 batch, on the batch's device.
+* :func:`render` applies them to a uint8 batch, on the batch's device;
+* :class:`MixSpec` / :class:`Mixer` mix whole training batches (mixup, cutmix) on the training
+  device, their partners and weights a pure function of ``(seed, epoch, batch position)``.
 
 Crop windows are relative to the image, as the decode-once pipeline has always taken them from
 its square copy: on a non-square source the aspect-ratio range (3/4..4/3) applies to the
@@ -49,6 +51,8 @@ CROPS = ("resized", "pad", "none")
 #: RandomResizedCrop's aspect-ratio range and its number of tries before the whole image.
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _TRIES = 10
+_MIX_STREAM = 2**32 - 2  # an "index" no sample has: the stream of each batch's mixing
+MIX_KINDS = ("none", "mixup", "cutmix")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -230,3 +234,111 @@ def _crop_padded(x: Tensor, offsets: Tensor, padding: int, out: int) -> Tensor:
     cols = (offsets[:, 1:2] + steps)[:, None, :]  # [B, 1, out]
     batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
     return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()  # [B, out, out, C]
+
+
+# --- batch mixing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """How one batch is mixed: ``kind`` (none, mixup or cutmix), the Beta draw ``lam`` (the
+    weight of each sample itself; its partner gets ``1 - lam``) and, for cutmix, the pasted
+    window ``box`` as fractions of the image ``(x0, y0, x1, y1)``."""
+
+    kind: str = "none"
+    lam: float = 1.0
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A mixed batch's label weights: sample ``k`` is ``lam`` of itself and ``1 - lam`` of its
+    partner ``k - 1`` (:func:`partners`); a loss of the labels is mixed the same way."""
+
+    lam: float
+    kind: str
+
+
+def partners(t: Tensor) -> Tensor:
+    """Each sample's mixing partner: the one before it in the batch (the first takes the last),
+    as torchvision's ``v2.MixUp`` / ``v2.CutMix`` pair them (``roll(1, 0)``)."""
+    return t.roll(1, 0)
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """``dataset.mix``: batch-level mixing augmentations.
+
+    Mixup (Zhang et al., ICLR 2018) blends each image with its partner, ``lam ~ Beta(a, a)`` with
+    ``a = mixup_alpha``; CutMix (Yun et al., ICCV 2019) pastes a window of the partner covering
+    ``1 - lam`` of the image, ``lam ~ Beta(cutmix_alpha, cutmix_alpha)``, and ``lam`` becomes the
+    area actually kept. A batch is mixed with probability ``prob``; with both on, cutmix is
+    picked with probability ``switch_prob`` (timm's ``Mixup`` options). 0 turns one off.
+    """
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not getattr(self, name) >= 0:
+                raise ConKDError(f"dataset.mix.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("prob", "switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConKDError(f"dataset.mix.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def draw(self, seed: int, epoch: int, batch: int) -> MixParams:
+        """The mixing of training batch ``batch`` of ``epoch``, from a generator seeded by
+        ``(seed, epoch, batch)`` alone (so a resumed run and the teacher cache draw the same)."""
+        if not self.enabled:
+            return MixParams()
+        rng = np.random.default_rng([seed, epoch, batch, _MIX_STREAM])
+        if rng.random() >= self.prob:
+            return MixParams()
+        cutmix = self.cutmix_alpha > 0 and (
+            self.mixup_alpha == 0 or rng.random() < self.switch_prob
+        )
+        if not cutmix:
+            return MixParams("mixup", float(rng.beta(self.mixup_alpha, self.mixup_alpha)))
+        lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha))
+        side = math.sqrt(1.0 - lam)  # the window's side, as a fraction of the image's
+        cx, cy = rng.uniform(0.0, 1.0, 2)
+        box = (max(cx - side / 2, 0.0), max(cy - side / 2, 0.0),
+               min(cx + side / 2, 1.0), min(cy + side / 2, 1.0))  # fmt: skip
+        return MixParams("cutmix", lam, box)
+
+
+def mix(x: Tensor, params: MixParams) -> tuple[Tensor, Mix | None]:
+    """Batch ``x`` ``[B, C, H, W]`` mixed with its :func:`partners` as ``params`` say, on its
+    device, and the label weights (None: not mixed). CutMix's ``lam`` is the share of pixels
+    each image keeps after the window is clipped to whole pixels."""
+    if params.kind == "none":
+        return x, None
+    other = partners(x)
+    if params.kind == "mixup":
+        return torch.lerp(other, x, params.lam), Mix(params.lam, "mixup")
+    assert params.box is not None
+    h, w = x.shape[-2:]
+    x0, y0 = round(params.box[0] * w), round(params.box[1] * h)
+    x1, y1 = round(params.box[2] * w), round(params.box[3] * h)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+    return out, Mix(1.0 - (x1 - x0) * (y1 - y0) / (h * w), "cutmix")
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """The run's mixing: :class:`MixSpec` under the run's seed, applied to training batch
+    ``batch`` of ``epoch`` by the loop and, identically, by the teacher cache's replay."""
+
+    spec: MixSpec
+    seed: int
+
+    def __call__(self, x: Tensor, epoch: int, batch: int) -> tuple[Tensor, Mix | None]:
+        return mix(x, self.spec.draw(self.seed, epoch, batch))

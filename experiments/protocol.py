@@ -51,6 +51,12 @@ class Settings:
     trials: int = 16
     tracking_uri: str | None = None
     extra: tuple[str, ...] = ()  # appended to every command (tests: tiny batches, few steps)
+    suite: str = "ablation"  # which rows: SUITES
+    precision: str = "bf16"  # with channels_last; "32": neither (see fast_precision)
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        return SUITES[self.suite].rows
 
     @property
     def dir(self) -> Path:
@@ -86,17 +92,21 @@ class Row:
 
 
 ROWS = (
-    Row("teacher", "teacher ResNet-101, CE (label smoothing 0.1)",
-        ("experiment=teacher", "loss.label_smoothing=0.1"), teacher=None, trains_teacher=True,
-        seeds=(0,)),
+    Row("teacher", "teacher ResNet-101, the teacher preset (experiment=teacher)",
+        ("experiment=teacher",), teacher=None, trains_teacher=True, seeds=(0,)),
+    # the students' own recipe (AdamW, cosine) with CE alone: KD rows then differ in the loss only
     Row("ce", "ResNet-18, CE only, AdamW",
-        ("experiment=teacher", "model=resnet18", "mlflow.register=null"), teacher=None),
+        ("stage=teacher", "loss=ce", "optimizer=adamw", "teacher_ckpt=null"), teacher=None),
     Row("kd", "ResNet-18, Hinton KD (T 4), AdamW", ("loss=kd", "optimizer=adamw")),
     Row("lsd", "ResNet-18, LS-KD (T 2), AdamW", ("loss=lsd", "optimizer=adamw")),
     Row("lsd_supcon_adamw", "ResNet-18, LS-KD + 0.15 SupCon, AdamW",
         ("loss=lsd+supcon", "optimizer=adamw")),
     Row("conkd_lion", "ResNet-18, LS-KD + 0.15 SupCon, Lion (the mission's method)",
         ("experiment=conkd_lion",)),
+    # Function matching (Beyer et al. 2022): both networks see the same mixed batch, the teacher
+    # cache replays its outputs on exactly those images.
+    Row("conkd_lion_mix", "ResNet-18, the mission's method with consistent cutmix / mixup",
+        ("experiment=conkd_lion", "dataset.mix.cutmix_alpha=1.0", "dataset.mix.mixup_alpha=0.2")),
     # A second teacher, in case the ResNet-101 ends too close to the 8-epoch CE student for the
     # KD rows to test anything (at 64 px a ResNet-18 epoch costs about a quarter of a ResNet-101
     # epoch here); its students repeat the KD rows from it.
@@ -118,6 +128,71 @@ ROWS = (
 )  # fmt: skip
 BY_NAME = {r.name: r for r in ROWS}
 
+# The teacher recipe, measured one change at a time on the cheapest setting that ranks recipes
+# (`--suite recipes`, see experiments/README.md): every row is the row before it plus one change,
+# or, naming a base row, that row plus one change (an alternative to what followed it).
+_RECIPE = (
+    ("r0_preset", "the old teacher preset (AdamW 1e-3, cosine, 5% warmup)",
+     ("experiment=teacher", "mlflow.register=null")),
+    ("r1_ls", "+ label smoothing 0.1", ("loss.label_smoothing=0.1",)),
+    ("r2_zero_init", "+ zero-init residual", ("model.zero_init_residual=true",)),
+    ("r3_flat_cos", "+ flat-then-cosine schedule", ("scheduler=flat_cosine",)),
+    ("r4_ema", "+ weight EMA (decay 0.99)", ("trainer.ema_decay=0.99",)),
+    ("r5_mix", "+ cutmix / mixup", ("dataset.mix.cutmix_alpha=1.0",
+                                    "dataset.mix.mixup_alpha=0.2")),
+    ("r6_sgd", "r4 with SGD (Nesterov, lr 0.1, no decay on norms and biases)",
+     ("optimizer=sgd", "optimizer.lr=0.1", "trainer.decay_norms_and_biases=false"), "r4_ema"),
+    ("r7_lion", "r4 with Lion (lr 3e-4, wd 0.5)", ("optimizer=lion",), "r4_ema"),
+)  # fmt: skip
+
+
+def _cumulative(steps: Sequence[tuple]) -> tuple[Row, ...]:
+    """Rows that each add one change to the row before, or to the named base row (their
+    overrides accumulate); :data:`RECIPE_BASES` remembers which row each one changed."""
+    rows: dict[str, Row] = {}
+    previous: Row | None = None
+    for name, title, change, *base in steps:
+        before = rows[base[0]] if base else previous
+        overrides = (*(before.overrides if before else ()), *change)
+        rows[name] = previous = Row(name, f"ResNet-101 {title}", overrides, teacher=None,
+                                    trains_teacher=True, seeds=(0,))  # fmt: skip
+        RECIPE_BASES[name] = before.name if before else None
+    return tuple(rows.values())
+
+
+RECIPE_BASES: dict[str, str | None] = {}
+RECIPE_ROWS = _cumulative(_RECIPE)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A set of rows run and tabulated together, and the differences its write-up states."""
+
+    rows: tuple[Row, ...]
+    pairs: tuple[tuple[str, str, str], ...]
+
+
+SUITES = {
+    "ablation": Suite(ROWS, (
+        ("teacher", "ce", "teacher vs CE student (must be clearly positive)"),
+        ("teacher_r18", "ce", "ResNet-18 teacher vs CE student"),
+        ("kd_r18t", "ce", "KD vs CE, ResNet-18 teacher"),
+        ("lsd_r18t", "kd_r18t", "LS-KD vs KD, ResNet-18 teacher"),
+        ("conkd_lion_r18t", "lsd_r18t", "adding SupCon with Lion, ResNet-18 teacher"),
+        ("kd", "ce", "KD vs CE"),
+        ("lsd", "kd", "LS-KD vs KD (LS paper: LS-KD > KD)"),
+        ("lsd_supcon_adamw", "lsd", "adding SupCon (AdamW)"),
+        ("conkd_lion", "lsd_supcon_adamw", "Lion vs AdamW (LS-KD + SupCon)"),
+        ("conkd_lion_mix", "conkd_lion", "consistent mixing (function matching), mission's method"),
+        ("sweep_best", "conkd_lion", "the sweep's best setting vs the defaults"),
+        ("conkd_lion", "ce", "the mission's method vs CE only"),
+    )),
+    "recipes": Suite(RECIPE_ROWS, tuple(
+        (r.name, base, f"{r.title.removeprefix('ResNet-101 ')} ({r.name} vs {base})")
+        for r in RECIPE_ROWS if (base := RECIPE_BASES[r.name])
+    )),
+}  # fmt: skip
+
 
 # --- commands ----------------------------------------------------------------------------------
 
@@ -130,8 +205,8 @@ def common(s: Settings, row: Row, seed: int) -> list[str]:
         f"dataset.root={s.data.resolve()}",
         f"dataset.image_size={s.image_size}",
         f"trainer.epochs={epochs}",
-        "trainer.precision=bf16",  # with channels_last: 1.71x (ResNet-101) / 1.48x (ResNet-18)
-        "trainer.channels_last=true",  # per step on this CPU (benchmarks/switches.py)
+        f"trainer.precision={s.precision}",  # bf16 + channels_last: 1.71x (ResNet-101) / 1.48x
+        f"trainer.channels_last={str(s.precision == 'bf16').lower()}",  # on an AMX CPU
         "trainer.progress=false",
         f"seed={seed}",
         f"mlflow.experiment_name={s.experiment}",
@@ -143,6 +218,18 @@ def common(s: Settings, row: Row, seed: int) -> list[str]:
     if row.teacher:
         args.append(f"teacher_ckpt={s.teacher_ckpt(row.teacher).resolve()}")
     return args
+
+
+def fast_precision() -> str:
+    """bf16 (with channels_last) where it runs natively, on a GPU or a CPU with AMX or
+    AVX512-BF16 (1.5-1.7x a float32 step, ``benchmarks/switches.py``); 32 elsewhere, where bf16
+    is emulated (7x slower than float32 for a ResNet-101 at 32 px on a 2-core AVX2 EPYC)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16"
+    caps = torch.cpu.get_capabilities()
+    return "bf16" if caps.get("amx_bf16") or caps.get("avx512_bf16") else "32"
 
 
 def command(s: Settings, row: Row, seed: int, best: dict[str, Any] | None = None) -> list[str]:
@@ -302,7 +389,7 @@ def collect(client: Any, s: Settings) -> list[Result]:
     done = finished_runs(client, s)
     study, _ = sweep_state(s)
     out = []
-    for row in ROWS:
+    for row in s.rows:
         runs = done.get(row.name, {})
         if row.sweep or not runs:
             continue
@@ -346,24 +433,11 @@ def fmt_acc(values: Sequence[float]) -> str:
     return f"{m:.2f} ± {sd:.2f} ({', '.join(f'{v:.2f}' for v in values)})"
 
 
-def comparisons(results: Sequence[Result]) -> list[str]:
+def comparisons(results: Sequence[Result], suite: str = "ablation") -> list[str]:
     """The differences the papers make claims about, each marked against the seed spread."""
     by = {r.row.name: r for r in results}
-    pairs = [
-        ("teacher", "ce", "teacher vs CE student (must be clearly positive)"),
-        ("teacher_r18", "ce", "ResNet-18 teacher vs CE student"),
-        ("kd_r18t", "ce", "KD vs CE, ResNet-18 teacher"),
-        ("lsd_r18t", "kd_r18t", "LS-KD vs KD, ResNet-18 teacher"),
-        ("conkd_lion_r18t", "lsd_r18t", "adding SupCon with Lion, ResNet-18 teacher"),
-        ("kd", "ce", "KD vs CE"),
-        ("lsd", "kd", "LS-KD vs KD (LS paper: LS-KD > KD)"),
-        ("lsd_supcon_adamw", "lsd", "adding SupCon (AdamW)"),
-        ("conkd_lion", "lsd_supcon_adamw", "Lion vs AdamW (LS-KD + SupCon)"),
-        ("sweep_best", "conkd_lion", "the sweep's best setting vs the defaults"),
-        ("conkd_lion", "ce", "the mission's method vs CE only"),
-    ]
     lines = []
-    for a, b, what in pairs:
+    for a, b, what in SUITES[suite].pairs:
         if a not in by or b not in by:
             continue
         (ma, sa), (mb, sb) = mean_spread(by[a].test_top1), mean_spread(by[b].test_top1)
@@ -433,11 +507,17 @@ def _portable(arg: str) -> str:
 
 def section(s: Settings, results: Sequence[Result], figures: dict[str, Path], rel: Path) -> str:
     """The README section: settings, table, comparisons, sweep, figures."""
-    shared_args = [*common(s, BY_NAME["kd"], 0), *s.extra]  # --set values reach every run
+    shown = BY_NAME["kd"] if s.suite == "ablation" else s.rows[0]
+    shared_args = [*common(s, shown, 0), *s.extra]  # --set values reach every run
     shared = " ".join(_portable(a) for a in shared_args if "=" in a)
+    what = (
+        f"teacher {s.teacher_epochs} epochs, students {s.student_epochs} epochs, seeds "
+        f"{', '.join(map(str, s.seeds))}"
+        if s.suite == "ablation"
+        else f"suite `{s.suite}`, every row a teacher of {s.teacher_epochs} epochs, seed 0"
+    )
     lines = [
-        f"Protocol `{s.name}`: {s.image_size} px, teacher {s.teacher_epochs} epochs, students "
-        f"{s.student_epochs} epochs, seeds {', '.join(map(str, s.seeds))}. Every row is "
+        f"Protocol `{s.name}`: {s.image_size} px, {what}. Every row is "
         f"`python train.py <row overrides> <shared overrides>` with the shared overrides (seed 0; "
         f"`seed=`, `hydra.run.dir` and `++mlflow.tags.row=` change per run):",
         "",
@@ -454,7 +534,7 @@ def section(s: Settings, results: Sequence[Result], figures: dict[str, Path], re
             f"| {r.row.title} | {fmt_acc(r.test_top1)} | {top5:.2f} | {val:.2f} | {r.epochs} "
             f"| {r.image_size} | {r.train_min:.1f} min | {r.device} | `{r.command}` |"
         )
-    lines += ["", *comparisons(results)]
+    lines += ["", *comparisons(results, s.suite)]
     sweep = sweep_lines(s)
     if sweep:
         lines += ["", "Sweep (`hparams_search=conkd_lion`, pruning on, cache shared by trials):",
@@ -498,13 +578,15 @@ def tabulate(s: Settings, readme: Path, figures_dir: Path) -> list[Result]:
 # --- command line -------------------------------------------------------------------------------
 
 
-def select(names: str | None) -> list[Row]:
+def select(names: str | None, suite: str = "ablation") -> list[Row]:
+    rows = SUITES[suite].rows
     if not names:
-        return [r for r in ROWS if not r.optional]
-    unknown = [n for n in names.split(",") if n not in BY_NAME]
+        return [r for r in rows if not r.optional]
+    by = {r.name: r for r in rows}
+    unknown = [n for n in names.split(",") if n not in by]
     if unknown:
-        raise SystemExit(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(BY_NAME)}")
-    return [BY_NAME[n] for n in names.split(",")]
+        raise SystemExit(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(by)}")
+    return [by[n] for n in names.split(",")]
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -519,6 +601,8 @@ def settings(args: argparse.Namespace) -> Settings:
         trials=args.trials,
         tracking_uri=args.tracking_uri,
         extra=tuple(args.set or ()),
+        suite=args.suite,
+        precision=fast_precision() if args.precision == "auto" else args.precision,
     )
 
 
@@ -526,7 +610,22 @@ def parse(argv: Iterable[str] | None = None) -> argparse.Namespace:
     d = Settings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("action", choices=("run", "status", "table"))
-    ap.add_argument("--rows", help=f"comma-separated, of: {', '.join(BY_NAME)}")
+    ap.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default=d.suite,
+        help="ablation: the KD rows; recipes: the teacher recipe, one change a row",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "32"),
+        default="auto",
+        help="auto: bf16 + channels_last where bf16 is native (GPU, AMX or "
+        "AVX512-BF16 CPU), else 32; a protocol keeps one value for all its runs",
+    )
+    ap.add_argument("--rows", help="comma-separated, of: "
+                    + "; ".join(f"{k}: {', '.join(r.name for r in v.rows)}"
+                                for k, v in SUITES.items()))  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--name", default=d.name)
     ap.add_argument("--data", default=str(d.data))
@@ -554,10 +653,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     if not (s.data / "train").is_dir():
         raise SystemExit(f"no class-folder dataset at {s.data} (expected train/ and val/)")
     if args.action == "status":
-        for row, seed, cmd in plan(s, select(args.rows), client_for(s)):
+        for row, seed, cmd in plan(s, select(args.rows, s.suite), client_for(s)):
             print(f"{row.name:<18} seed {seed}  {cmd if isinstance(cmd, str) else 'to run'}")
         return 0
-    return 1 if run_rows(s, select(args.rows), args.dry_run) < 0 else 0
+    return 1 if run_rows(s, select(args.rows, s.suite), args.dry_run) < 0 else 0
 
 
 if __name__ == "__main__":

@@ -125,3 +125,46 @@ def test_sweep_warning_names_only_keys_that_split_the_cache(
     key = swept.partition("=")[0]
     assert ("each value builds its own cache" in caplog.text) == splits
     assert (key in caplog.text) == splits
+
+
+def test_consistent_mixup_cache_replays_the_online_teacher_on_mixed_views(
+    compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Function matching: with mixing on, the cache stores the teacher's outputs on exactly the
+    mixed images the student sees, so a student reading it trains bit-identically to one whose
+    online teacher sees those mixed images (outputs rounded to the cache's float16), and one step
+    matches the plain online teacher within float16 tolerance. The mixing settings are part of
+    the cache's key: other settings build another cache."""
+    mixing = ["optimizer=sgd", "optimizer.lr=0.002", "dataset.mix.mixup_alpha=0.4",
+              "dataset.mix.cutmix_alpha=1.0"]  # fmt: skip
+    cached = student(compose_cfg, image_folder, teacher_run, tmp_path / "cached", *mixing)
+    real = teacher_module.online_teacher
+
+    def rounded(teacher):
+        outputs = real(teacher)
+        return lambda x, e, i: {k: v.half().float() for k, v in outputs(x, e, i).items()}
+
+    monkeypatch.setattr(teacher_module, "online_teacher", rounded)
+    online = student(compose_cfg, image_folder, teacher_run, tmp_path / "online", *mixing,
+                     "teacher_cache.enabled=false")  # fmt: skip
+    for key in ("train/kd", "train/supcon", "train/ce", "train/loss", "val/kd"):
+        assert cached["metrics"][key] == online["metrics"][key], key
+    for name, weight in online["state_dict"].items():
+        assert torch.equal(cached["state_dict"][name], weight), name
+    monkeypatch.setattr(teacher_module, "online_teacher", real)
+    one = ["trainer.epochs=1", "trainer.max_steps_per_epoch=1", *mixing]
+    a = student(compose_cfg, image_folder, teacher_run, tmp_path / "a", *one)
+    b = student(compose_cfg, image_folder, teacher_run, tmp_path / "b", *one,
+                "teacher_cache.enabled=false")  # fmt: skip
+    for key in ("train/kd", "train/loss"):
+        assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-3, abs=1e-4)
+    # without mixing the teacher's KD term is another number: the cache did mix
+    plain = student(compose_cfg, image_folder, teacher_run, tmp_path / "plain",
+                    *one[:-2], "optimizer=sgd", "optimizer.lr=0.002")  # fmt: skip
+    assert plain["metrics"]["train/kd"] != pytest.approx(a["metrics"]["train/kd"], rel=1e-3)
+    folders = {p.name for p in (tmp_path / "cache" / "teacher").iterdir() if p.is_dir()}
+    student(compose_cfg, image_folder, teacher_run, tmp_path / "other", *mixing,
+            "dataset.mix.mixup_alpha=0.8")  # fmt: skip
+    assert len({p.name for p in (tmp_path / "cache" / "teacher").iterdir() if p.is_dir()}) == (
+        len(folders) + 1
+    )

@@ -110,10 +110,11 @@ def test_table_from_the_store(store, tmp_path: Path) -> None:
     text = readme.read_text()
     assert text.count("<!-- protocol:t:start -->") == 1 and text.startswith("# Experiments\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
-    assert rows[0].startswith("| teacher ResNet-101, CE (label smoothing 0.1) | 80.00 | 99.00 |")
+    assert rows[0].startswith("| teacher ResNet-101, the teacher preset (experiment=teacher) "
+                              "| 80.00 | 99.00 |")  # fmt: skip
     assert rows[1] == (
         "| ResNet-18, CE only, AdamW | 71.00 ± 1.41 (70.00, 72.00) | 99.00 | 62.00 | 2 | 32 "
-        "| 1.0 min | cpu (2 threads) | `experiment=teacher model=resnet18 mlflow.register=null` |"
+        "| 1.0 min | cpu (2 threads) | `stage=teacher loss=ce optimizer=adamw teacher_ckpt=null` |"
     )
     assert rows[2].startswith(
         "| ResNet-18, Hinton KD (T 4), AdamW | 75.00 | "
@@ -158,19 +159,19 @@ def test_whole_protocol_at_toy_scale_then_nothing_twice(image_folder: Path, tmp_
         args += ["--set", o]
     first = run_cli(*args)
     assert first.returncode == 0, first.stdout + first.stderr
-    # teacher, 5 rows, the ResNet-18 teacher and one of its students, sweep, best
-    assert first.stdout.count(": running (log ") == 10
+    # teacher, 6 rows, the ResNet-18 teacher and one of its students, sweep, best
+    assert first.stdout.count(": running (log ") == 11
     second = run_cli(*args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert ": running" not in second.stdout
-    assert second.stdout.count(": done (") == 10
+    assert second.stdout.count(": done (") == 11
 
     table = run_cli(*[a if a != "run" else "table" for a in args])
     assert table.returncode == 0, table.stdout + table.stderr
     text = (tmp_path / "README.md").read_text()
     out = tmp_path / "out" / "toy"
-    for row in ("teacher", "ce", "kd", "lsd", "lsd_supcon_adamw", "conkd_lion", "teacher_r18",
-                "conkd_lion_r18t", "sweep_best"):  # fmt: skip
+    for row in ("teacher", "ce", "kd", "lsd", "lsd_supcon_adamw", "conkd_lion", "conkd_lion_mix",
+                "teacher_r18", "conkd_lion_r18t", "sweep_best"):  # fmt: skip
         metrics = json.loads((out / row / "seed0" / "metrics.json").read_text())
         title = protocol.BY_NAME[row].title
         assert f"| {title} | {metrics['test/top1']:.2f} | {metrics['test/top5']:.2f} |" in text
@@ -237,3 +238,49 @@ def test_sweep_savings_count_ended_trials_only(tmp_path: Path) -> None:
     lines = protocol.sweep_lines(s)
     assert lines[1] == "- epochs run: 10 of 16 (38% saved by pruning)"
     assert lines[2] == "- best val top-1 70.00 (trial 0): `loss.alpha=0.5`"
+
+
+def test_recipe_rows_each_add_one_change_to_their_base_row() -> None:
+    """Each recipe row is its base (the row before, or a named one) plus overrides of its own,
+    and the write-up compares every row with its base."""
+    rows = protocol.select(None, "recipes")
+    by = {r.name: r for r in rows}
+    assert rows == list(protocol.RECIPE_ROWS) and rows[0].overrides[0] == "experiment=teacher"
+    bases = {r.name: protocol.RECIPE_BASES[r.name] for r in rows}
+    assert bases["r1_ls"] == "r0_preset" and bases["r7_lion"] == "r4_ema"
+    for row in rows[1:]:
+        base = by[bases[row.name]]
+        assert row.overrides[: len(base.overrides)] == base.overrides
+        assert len(row.overrides) > len(base.overrides)
+    assert by["r7_lion"].overrides[-1] == "optimizer=lion"
+    assert "optimizer=sgd" not in by["r7_lion"].overrides
+    assert all(r.trains_teacher and r.teacher is None and r.seeds == (0,) for r in rows)
+    pairs = protocol.SUITES["recipes"].pairs
+    assert [(a, b) for a, b, _ in pairs] == [(r.name, bases[r.name]) for r in rows[1:]]
+    with pytest.raises(SystemExit, match="unknown row.*kd"):
+        protocol.select("kd", "recipes")  # an ablation row is not a recipe row
+
+
+@pytest.mark.parametrize(
+    ("cuda", "caps", "expected"),
+    [
+        (False, {"avx2": True, "amx_bf16": False, "avx512_bf16": False}, "32"),
+        (False, {"amx_bf16": True}, "bf16"),
+        (False, {"avx512_bf16": True}, "bf16"),
+        (True, {}, "bf16"),
+    ],
+)
+def test_precision_auto_uses_bf16_only_where_it_is_native(
+    monkeypatch, cuda: bool, caps: dict, expected: str
+) -> None:
+    """bf16 autocast is emulated on a CPU without AMX or AVX512-BF16 (7x slower than float32
+    there): ``--precision auto`` then trains in float32, without channels_last."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert protocol.fast_precision() == expected
+    s = protocol.settings(protocol.parse(["run", "--precision", "auto"]))
+    args = protocol.common(s, protocol.BY_NAME["ce"], 0)
+    assert f"trainer.precision={expected}" in args
+    assert f"trainer.channels_last={str(expected == 'bf16').lower()}" in args

@@ -93,7 +93,9 @@ def test_cache_key_holds_the_raw_teacher_values(compose_cfg) -> None:
         values = teacher_values(flatten(OmegaConf.to_container(cfg, resolve=False)))
         augment = {k for k in values if k.startswith("dataset.augment.")}
         assert augment == {f"dataset.augment.{k}" for k in cfg.dataset.augment}
-        assert set(values) - augment == {
+        mix = {k for k in values if k.startswith("dataset.mix.")}
+        assert mix == {f"dataset.mix.{k}" for k in cfg.dataset.mix}  # what both networks see
+        assert set(values) - augment - mix == {
             "seed",
             "dataset.batch_size",
             "trainer.epochs",
