@@ -223,9 +223,10 @@ def param_groups(model: nn.Module, decay_norms_and_biases: bool = True) -> list[
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if decay_norms_and_biases:
         return [{"params": [p for _, p in trainable]}]
-    flat = [p for n, p in trainable if p.ndim <= 1 or n.endswith(".bias")]
-    weights = [p for n, p in trainable if not (p.ndim <= 1 or n.endswith(".bias"))]
-    return [{"params": weights}, {"params": flat, "weight_decay": 0.0}]
+    flat = {n for n, p in trainable if p.ndim <= 1 or n.endswith(".bias")}
+    weights = [p for n, p in trainable if n not in flat]
+    return [{"params": weights}, {"params": [p for n, p in trainable if n in flat],
+                                  "weight_decay": 0.0}]  # fmt: skip
 
 
 def build_job(

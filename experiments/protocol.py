@@ -154,7 +154,7 @@ def _cumulative(steps: Sequence[tuple]) -> tuple[Row, ...]:
     for name, title, change, *base in steps:
         before = rows[base[0]] if base else previous
         overrides = (*(before.overrides if before else ()), *change)
-        rows[name] = previous = Row(name, f"ResNet-101 {title}", overrides, teacher=None,
+        rows[name] = previous = Row(name, f"ResNet-101: {title}", overrides, teacher=None,
                                     trains_teacher=True, seeds=(0,))  # fmt: skip
         RECIPE_BASES[name] = before.name if before else None
     return tuple(rows.values())
@@ -188,7 +188,7 @@ SUITES = {
         ("conkd_lion", "ce", "the mission's method vs CE only"),
     )),
     "recipes": Suite(RECIPE_ROWS, tuple(
-        (r.name, base, f"{r.title.removeprefix('ResNet-101 ')} ({r.name} vs {base})")
+        (r.name, base, f"{r.title.removeprefix('ResNet-101: ')} ({r.name} vs {base})")
         for r in RECIPE_ROWS if (base := RECIPE_BASES[r.name])
     )),
 }  # fmt: skip
