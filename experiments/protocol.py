@@ -133,7 +133,7 @@ BY_NAME = {r.name: r for r in ROWS}
 # or, naming a base row, that row plus one change (an alternative to what followed it).
 _RECIPE = (
     ("r0_preset", "the old teacher preset (AdamW 1e-3, cosine, 5% warmup)",
-     ("experiment=teacher", "mlflow.register=null")),
+     ("experiment=teacher", "model.zero_init_residual=false", "mlflow.register=null")),
     ("r1_ls", "+ label smoothing 0.1", ("loss.label_smoothing=0.1",)),
     ("r2_zero_init", "+ zero-init residual", ("model.zero_init_residual=true",)),
     ("r3_flat_cos", "+ flat-then-cosine schedule", ("scheduler=flat_cosine",)),
