@@ -52,7 +52,6 @@ CROPS = ("resized", "pad", "none")
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _TRIES = 10
 _MIX_STREAM = 2**32 - 2  # an "index" no sample has: the stream of each batch's mixing
-MIX_KINDS = ("none", "mixup", "cutmix")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
