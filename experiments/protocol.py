@@ -131,9 +131,22 @@ BY_NAME = {r.name: r for r in ROWS}
 # The teacher recipe, measured one change at a time on the cheapest setting that ranks recipes
 # (`--suite recipes`, see experiments/README.md): every row is the row before it plus one change,
 # or, naming a base row, that row plus one change (an alternative to what followed it).
+# r0 pins the old preset on every switch the rows change, so that each row's command keeps
+# composing the config it ran with after experiment=teacher is set from the table.
+_OLD_PRESET = (
+    "experiment=teacher",
+    "mlflow.register=null",
+    "model.zero_init_residual=false",
+    "optimizer=adamw",
+    "scheduler=cosine",
+    "loss.label_smoothing=0.0",
+    "trainer.ema_decay=null",
+    "trainer.decay_norms_and_biases=true",
+    "dataset.mix.mixup_alpha=0.0",
+    "dataset.mix.cutmix_alpha=0.0",
+)
 _RECIPE = (
-    ("r0_preset", "the old teacher preset (AdamW 1e-3, cosine, 5% warmup)",
-     ("experiment=teacher", "model.zero_init_residual=false", "mlflow.register=null")),
+    ("r0_preset", "the old teacher preset (AdamW 1e-3, cosine, 5% warmup)", _OLD_PRESET),
     ("r1_ls", "+ label smoothing 0.1", ("loss.label_smoothing=0.1",)),
     ("r2_zero_init", "+ zero-init residual", ("model.zero_init_residual=true",)),
     ("r3_flat_cos", "+ flat-then-cosine schedule", ("scheduler=flat_cosine",)),

@@ -261,6 +261,46 @@ def test_recipe_rows_each_add_one_change_to_their_base_row() -> None:
         protocol.select("kd", "recipes")  # an ablation row is not a recipe row
 
 
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in cfg.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_recipe_rows_compose_one_change_each_and_r0_is_the_old_preset() -> None:
+    """Composed with the real configs, each row differs from its base in exactly the keys its
+    change names, and r0 stays the old preset (pinned, whatever experiment=teacher sets now)."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_train
+
+    cfgs = {
+        r.name: _flat(OmegaConf.to_container(compose_train(list(r.overrides))))
+        for r in protocol.RECIPE_ROWS
+    }
+    changed = {}
+    for r in protocol.RECIPE_ROWS[1:]:
+        a, b = cfgs[r.name], cfgs[protocol.RECIPE_BASES[r.name]]
+        changed[r.name] = {k.split(".")[0] if k.startswith("optimizer.") else k
+                           for k in a.keys() | b.keys() if a.get(k) != b.get(k)}  # fmt: skip
+    assert changed == {
+        "r1_ls": {"loss.label_smoothing"},
+        "r2_zero_init": {"model.zero_init_residual"},
+        "r3_flat_cos": {"scheduler.flat_fraction"},
+        "r4_ema": {"trainer.ema_decay"},
+        "r5_mix": {"dataset.mix.cutmix_alpha", "dataset.mix.mixup_alpha"},
+        "r6_sgd": {"optimizer", "trainer.decay_norms_and_biases"},
+        "r7_lion": {"optimizer"},
+    }
+    old = cfgs["r0_preset"]
+    assert old["model.zero_init_residual"] is False and old["trainer.ema_decay"] is None
+    assert (old["optimizer._target_"], old["optimizer.lr"]) == ("torch.optim.AdamW", 1e-3)
+    assert "scheduler.flat_fraction" not in old and old["loss.label_smoothing"] == 0.0
+    assert (old["dataset.mix.mixup_alpha"], old["dataset.mix.cutmix_alpha"]) == (0.0, 0.0)
+    assert old["mlflow.register"] is None  # recipe rows register no teacher
+
+
 @pytest.mark.parametrize(
     ("cuda", "caps", "expected"),
     [
