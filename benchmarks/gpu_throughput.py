@@ -14,13 +14,17 @@ without ``torch.compile``:
 
     python benchmarks/gpu_throughput.py --data ../shared/data/imagenette --image-size 128
 
-Prints one line per figure, with the device name; ``--device cpu --steps 2 --image-size 32``
-checks the script itself on a machine without a GPU.
+Prints one line per figure, with the device name and, for the CE rows, the achieved TFLOP/s:
+img/s times the network's forward + backward FLOPs per image (counted by torch's
+``FlopCounterMode`` on one step of a fresh copy of the network), so the distance to the chip's
+peak (an H200: about 990 dense bf16 TFLOP/s) is visible. ``--device cpu --steps 2
+--image-size 32`` checks the script itself on a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 from _common import (
@@ -36,38 +40,88 @@ from _common import (
 )
 
 
-def throughput(overrides: list[str], steps: int) -> tuple[float, object]:
-    """img/s of ``steps`` training steps (after one warm-up epoch of 3 steps)."""
+def train_flops(spec: dict, image_size: int, device: object) -> float:
+    """Forward + backward FLOPs per image of one training step of the network ``spec``
+    describes (a fresh copy: the benchmarked one may be compiled or wrapped)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from conkd.checkpoint import instantiate_model
+
+    net = instantiate_model(spec).to(device).train()
+    x = torch.randn(2, 3, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        net(x)["logits"].float().sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def throughput(overrides: list[str], steps: int) -> tuple[float, object, float]:
+    """img/s of ``steps`` training steps after one warm-up epoch of 3 steps, and that epoch's
+    seconds (compilation included: what a whole run pays once)."""
     parts = setup_parts(overrides)
+    start = time.perf_counter()
     epoch_rate(parts, 0, 3)  # warm-up / compile
+    warmup = time.perf_counter() - start
     parts.job.options.max_steps = steps
-    return epoch_rate(parts, 1, steps, count_loader=True)[0], parts
+    return epoch_rate(parts, 1, steps, count_loader=True)[0], parts, warmup
 
 
-def ce_throughputs(common: list[str], compiles: list[str], work: Path, steps: int) -> dict:
-    """1.: img/s of the teacher and the student trained with CE, per ``trainer.compile``."""
+def compile_overrides(mode: str) -> list[str]:
+    """``--compile`` entries: ``false``, or a ``torch.compile`` mode (``true`` = default)."""
+    if mode == "false":
+        return ["trainer.compile=false"]
+    return ["trainer.compile=true", f"trainer.compile_mode={'default' if mode == 'true' else mode}"]
+
+
+def ce_throughputs(
+    common: list[str], compiles: list[str], work: Path, steps: int, image_size: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """1.: img/s of the teacher and the student trained with CE, per ``trainer.compile``, and
+    each row's achieved TFLOP/s."""
     results: dict[str, float] = {}
+    tflops: dict[str, float] = {}
+    warmups: dict[str, float] = {}
     for compiled in compiles:
         for who, arch in (("teacher", "resnet101"), ("student", "resnet18")):
-            ips, _ = throughput(
+            ips, parts, warmup = throughput(
                 [
                     *common,
                     "stage=teacher",
                     "loss=ce",
                     f"model={arch}",
-                    f"trainer.compile={compiled}",
+                    *compile_overrides(compiled),
                     f"paths.output_dir={work}/{who}{compiled}",
                 ],
                 steps,
             )
-            results[f"{who} {arch} CE, compile={compiled}"] = ips
+            row = f"{who} {arch} CE, compile={compiled}"
+            results[row] = ips
+            warmups[row] = warmup
+            flops = train_flops(parts.spec, image_size, parts.job.device)
+            tflops[row] = ips * flops / 1e12
+    return results, tflops, warmups
+
+
+def lion_kernels(common: list[str], work: Path, steps: int) -> dict[str, float]:
+    """img/s of the student trained with CE and Lion per ``trainer.optimizer_kernel`` (the
+    plain per-tensor loop, lion-pytorch's foreach module) and with its triton kernel."""
+    results = {}
+    for name, extra in (("plain", ["trainer.optimizer_kernel=plain"]),
+                        ("foreach (fused)", ["trainer.optimizer_kernel=fused"]),
+                        ("triton", ["+optimizer.use_triton=true"])):  # fmt: skip
+        overrides = [*common, "stage=teacher", "loss=ce", "model=resnet18", "optimizer=lion",
+                     *extra, f"paths.output_dir={work}/lion-{name.split()[0]}"]  # fmt: skip
+        try:
+            results[f"student resnet18 CE, Lion {name}"] = throughput(overrides, steps)[0]
+        except Exception as err:  # triton needs its package and a GPU
+            print(f"Lion {name}: not measured ({type(err).__name__}: {err})")
     return results
 
 
 def main() -> int:
     args = parser(
         __doc__, data=DATA, image_size=128, batch_size=128, steps=30, device="auto",
-        compile=("false,true", "trainer.compile settings to time"),
+        compile=("false,default,reduce-overhead", "false or torch.compile modes to time"),
         workdir=str(Path(tempfile.gettempdir()) / "conkd-gpu-bench"),
     ).parse_args()  # fmt: skip
     if missing_dataset(args.data):
@@ -89,7 +143,9 @@ def main() -> int:
         "trainer.epochs=2",
         *QUIET,
     ]
-    results = ce_throughputs(common, args.compile.split(","), work, args.steps)
+    results, tflops, warmups = ce_throughputs(common, args.compile.split(","), work,
+                                              args.steps, args.image_size)  # fmt: skip
+    results.update(lion_kernels(common, work, args.steps))
     teacher = train_teacher(common, f"{work}/t")  # a checkpoint to distil from
     cache_dir = Path(tempfile.mkdtemp(dir=work, prefix="cache-"))
     student = [
@@ -101,7 +157,7 @@ def main() -> int:
         f"paths.output_dir={work}/s",
         f"trainer.max_steps_per_epoch={args.steps}",
     ]
-    ips, parts = throughput(student, args.steps)
+    ips, parts, _ = throughput(student, args.steps)
     (meta,) = cache_metas(cache_dir)
     stored = meta["epochs"] * min(args.steps * args.batch_size, meta["n_train"]) + meta["n_val"]
     results["teacher cache build (resnet101 forward + store)"] = stored / meta["build_seconds"]
@@ -111,7 +167,13 @@ def main() -> int:
         f"precision {fast}, channels_last"
     )
     for what, value in results.items():
-        print(f"{what:<62} {value:8.0f} img/s")
+        achieved = f"  {tflops[what]:7.2f} TFLOP/s" if what in tflops else ""
+        first = f"  first 3 steps {warmups[what]:.1f} s" if what in warmups else ""
+        print(f"{what:<62} {value:8.0f} img/s{achieved}{first}")
+    ce = results.get("student resnet18 CE, compile=false")
+    if ce:
+        ratio = results["student lsd+supcon lion from cache, input pipeline included"] / ce
+        print(f"cached-teacher student / CE student (compile=false): {ratio:.3f}x")
     return 0
 
 

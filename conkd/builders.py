@@ -31,6 +31,7 @@ from conkd.errors import ConKDError
 from conkd.losses import Objective
 from conkd.models import Probe
 from conkd.nested import flatten
+from conkd.optimizers import fast_optimizer
 from conkd.provenance import teacher_values
 from conkd.targets import build
 from conkd.teacher import CachePolicy, TeacherSettings
@@ -51,6 +52,18 @@ def resolve_device(name: str) -> torch.device:
             f"trainer.device={name} but CUDA is not available; use trainer.device=auto"
         )
     return torch.device(name)
+
+
+def limit_gpu_memory(device: torch.device, fraction: float | None) -> None:
+    """Cap this process's share of a CUDA device's memory (``trainer.gpu_memory_fraction``), so
+    that several sweep workers can share one GPU: a worker past its share fails with an
+    out-of-memory error instead of starving the others. Nothing on other devices."""
+    if fraction is None:
+        return
+    if not 0.0 < fraction <= 1.0:
+        raise ConKDError(f"trainer.gpu_memory_fraction must be in (0, 1] or null, got {fraction}")
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
 def model_spec(node: DictConfig, num_classes: int, image_size: int) -> dict[str, Any]:
@@ -174,7 +187,10 @@ def teacher_settings(
         download_dir=Path(cfg.paths.output_dir) / "teacher",
         hint=teacher_hint(cfg, hydra_cfg),
         cache=CachePolicy(
-            cfg.teacher_cache.enabled, Path(cfg.teacher_cache.dir), cfg.teacher_cache.max_gb
+            cfg.teacher_cache.enabled,
+            Path(cfg.teacher_cache.dir),
+            cfg.teacher_cache.max_gb,
+            cfg.teacher_cache.resident,
         ),
         epochs=cfg.trainer.epochs,
         max_steps=cfg.trainer.max_steps_per_epoch,
@@ -200,11 +216,13 @@ def build_objective(cfg: DictConfig) -> Objective:
 
 
 def build_optimization(
-    cfg: DictConfig, model: nn.Module, steps_per_epoch: int
+    cfg: DictConfig, model: nn.Module, steps_per_epoch: int, device: torch.device
 ) -> tuple[torch.optim.Optimizer, Any]:
     params = param_groups(model, cfg.trainer.decay_norms_and_biases)
+    make = fast_optimizer(build(cfg.optimizer, "optimizer config"), device,
+                          cfg.trainer.optimizer_kernel)  # fmt: skip
     try:
-        optimizer = build(cfg.optimizer, "optimizer config")(params)
+        optimizer = make(params)
     except (ValueError, AssertionError) as err:
         raise ConKDError(f"invalid optimizer config: {err or 'assertion failed'}") from err
     scheduler = None
@@ -247,12 +265,12 @@ def build_job(
     decay = cfg.trainer.ema_decay
     average = weight_average(model, decay) if decay is not None else None  # before compiling
     model = distributed.wrap(model, ctx, device, not unused_head)
-    if cfg.trainer.compile:
-        model.compile()  # in place: state_dict keys and checkpoints stay as without it
+    if cfg.trainer.compile:  # in place: state_dict keys and checkpoints stay as without it
+        model.compile(mode=cfg.trainer.compile_mode)
     steps_per_epoch = len(data.train) // data.batch_size
     if cfg.trainer.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.trainer.max_steps_per_epoch)
-    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
+    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch, device)
     options = Options(
         epochs=cfg.trainer.epochs,
         num_classes=data.num_classes,
@@ -263,6 +281,7 @@ def build_job(
         max_steps=cfg.trainer.max_steps_per_epoch,
         grad_clip=cfg.trainer.grad_clip,
         progress=cfg.trainer.progress and ctx.is_main,
+        sync_every=cfg.trainer.sync_every_steps,
     )
     return Job(model, objective, optimizer, scheduler, device, options, teacher_fn, data.mixer,
                average)  # fmt: skip

@@ -37,6 +37,11 @@ class Range:
         return f"{'>' if self.open_low else '>='} {self.low}"
 
 
+#: The optimizer kernels :func:`conkd.optimizers.fast_optimizer` chooses among.
+KERNELS = ("auto", "fused", "plain")
+#: ``torch.compile``'s modes (``trainer.compile_mode``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 #: Numbers of the untyped nodes, by config key.
 RANGES: dict[str, Range] = {
     "optimizer.lr": Range(0, open_low=True),
@@ -44,6 +49,7 @@ RANGES: dict[str, Range] = {
     "dataset.batch_size": Range(2),  # BatchNorm and SupCon need two samples
     "dataset.image_size": Range(8),  # the smallest side the backbones take
     "dataset.val_fraction": Range(0, open_low=True, below=1),
+    "trainer.sync_every_steps": Range(1),
 }
 
 
@@ -85,5 +91,15 @@ def check_config(cfg: DictConfig) -> None:
     decay = cfg.trainer.get("ema_decay")
     if decay is not None and not 0 < decay < 1:
         raise ConKDError(f"trainer.ema_decay must be in (0, 1) or null, got {decay}")
+    if cfg.trainer.compile_mode not in COMPILE_MODES:
+        raise ConKDError(
+            f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
+            f"{cfg.trainer.compile_mode!r}"
+        )
+    if cfg.trainer.optimizer_kernel not in KERNELS:
+        raise ConKDError(
+            f"trainer.optimizer_kernel must be one of {', '.join(KERNELS)}, got "
+            f"{cfg.trainer.optimizer_kernel!r}"
+        )
     if str(cfg.trainer.precision) not in ("32", "bf16"):
         raise ConKDError(f"trainer.precision must be 32 or bf16, got {cfg.trainer.precision!r}")

@@ -25,7 +25,15 @@ from conkd import views
 from conkd.checks import check_range
 from conkd.decoded import FORMAT_VERSION, RESIZE_METHOD, DecodedArray, default_decode_size
 from conkd.errors import ConKDError
-from conkd.loaders import AugmentedDataset, DecodedLoaders, Loaders, PILLoaders, Splits
+from conkd.loaders import (
+    AugmentedDataset,
+    DecodedLoaders,
+    Loaders,
+    PILLoaders,
+    Splits,
+    keep_resident,
+    to_resident,
+)
 from conkd.sources import DigitsSource, ImageFolderSource, ImagenetteSource, Source, Split
 from conkd.views import ViewSpec
 
@@ -33,7 +41,7 @@ from conkd.views import ViewSpec
 #: defined in :mod:`conkd.sources`.
 __all__ = ["DataModule", "DigitsSource", "ImageFolderSource", "ImagenetteSource", "Source", "Split"]
 
-_DECODE_KEYS = {"enabled", "size", "dir", "workers", "verify", "progress"}
+_DECODE_KEYS = {"enabled", "size", "dir", "workers", "verify", "progress", "resident"}
 
 
 def _decode_options(decode: dict[str, Any] | None, spec: ViewSpec) -> dict[str, Any] | None:
@@ -60,7 +68,11 @@ def _decode_options(decode: dict[str, Any] | None, spec: ViewSpec) -> dict[str, 
     workers = options.get("workers")
     if workers is not None and int(workers) < 0:
         raise ConKDError(f"dataset.decode.workers must be >= 0, got {workers}")
+    resident = options.get("resident", "auto")
+    if resident not in ("auto", True, False):
+        raise ConKDError(f"dataset.decode.resident must be auto, true or false, got {resident!r}")
     return {
+        "resident": resident,
         "size": int(size),
         "dir": str(directory),
         "workers": None if workers is None else int(workers),
@@ -124,7 +136,9 @@ class DataModule:
       serves any number of datasets and runs;
     * ``workers``: decoding processes for the one-time build (default ``num_workers``);
     * ``verify``: also check each array's sha256 when opening it (reads the whole file);
-    * ``progress``: show a progress bar while decoding (default True).
+    * ``progress``: show a progress bar while decoding (default True);
+    * ``resident``: keep the arrays in the training device's memory and gather batches there
+      (:func:`conkd.loaders.keep_resident`; ``auto``, the default: on CUDA when they fit).
     """
 
     def __init__(
@@ -192,7 +206,11 @@ class DataModule:
                         self.seed)  # fmt: skip
         if self.decode is None:
             return PILLoaders(splits, self.num_workers, self.pin_memory, rank, world)
+        device = torch.device(device)
         arrays = {name: self.decoded(name).array for name in ("train", "test")}
+        nbytes = sum(a.nbytes for a in arrays.values())
+        if keep_resident(self.decode["resident"], device, nbytes):
+            arrays = {name: to_resident(a, device) for name, a in arrays.items()}
         return DecodedLoaders(splits, arrays, device, rank, world)
 
     def pipeline(self) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +79,7 @@ class Options:
     max_steps: int | None = None
     grad_clip: float | None = None
     progress: bool = True
+    sync_every: int = 50  # steps between host reads of the losses (progress bar, NaN check)
 
 
 @dataclass
@@ -102,35 +102,72 @@ class Job:
         return self.model if self.average is None else self.average.module
 
 
-def _check_finite(x: Tensor, terms: Mapping[str, Tensor], epoch: int, batch: int) -> None:
-    """Name the cause of a non-finite loss: bad input values, or divergence."""
-    if not torch.isfinite(terms["loss"]):
-        where = f"at epoch {epoch} batch {batch}"
-        if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).sum())
+class Tally:
+    """An epoch's sample-weighted loss terms and its first non-finite loss, kept on the device.
+
+    :meth:`add` launches a few small kernels and never waits for the device: reading a loss on
+    the host (``.item()``, a tensor in an ``if``) after every step would stall a GPU's queue each
+    step. :meth:`sync` reads everything at once (one host synchronisation) into the state and
+    raises if a loss was non-finite, naming the first such batch and whether its input held
+    NaN/Inf. Under torchrun it sums the ranks' shares, so every rank (and its checkpoint) holds
+    the global sums; all ranks sync at the same steps.
+    """
+
+    def __init__(self, batch: int) -> None:
+        self.start = batch  # the state's batch at the last sync
+        self.pending = 0  # steps added since then
+        self.names: list[str] = []
+        self.sums: Tensor | None = None  # per term, then the sample count; float64
+
+    def add(self, x: Tensor, terms: Mapping[str, Tensor], n: int) -> None:
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if self.sums is None:
+            self.names = list(terms)
+            self.sums = values.new_zeros(len(values) + 1, dtype=torch.float64)
+            self.steps = values.new_zeros((), dtype=torch.long)  # since the last sync
+            self.first = torch.full_like(self.steps, -1)  # the first non-finite step, or -1
+            self.bad_input = torch.zeros_like(self.steps)  # its input's NaN/Inf count
+            self.bad_terms = torch.zeros_like(values)  # its loss terms
+        self.sums[:-1] += values.double() * n
+        self.sums[-1] += n
+        new = ~torch.isfinite(values[0]) & (self.first < 0)
+        self.first = torch.where(new, self.steps, self.first)
+        self.bad_input = torch.where(new, (~torch.isfinite(x)).sum(), self.bad_input)
+        self.bad_terms = torch.where(new, values, self.bad_terms)
+        self.steps += 1
+        self.pending += 1
+
+    def sync(self, state: TrainState, epoch: int) -> None:
+        """Move the sums into ``state`` (one host read) and start a new window."""
+        if not self.pending:
+            return
+        local = torch.stack([self.first, self.bad_input]).double()  # this rank's, not summed
+        packed = torch.cat([distributed.all_reduce_sum(self.sums), local])
+        *values, first, bad_input = packed.tolist()
+        first, bad_input = int(first), int(bad_input)
+        if first >= 0 or not math.isfinite(values[0]):
+            self._raise(epoch, first, bad_input)
+        for k, v in zip(self.names, values[:-1]):
+            state.sums[k] = state.sums.get(k, 0.0) + v
+        state.seen += int(values[-1])
+        self.start, self.pending = state.batch, 0
+        self.sums.zero_()
+        self.steps.zero_()
+
+    def _raise(self, epoch: int, first: int, bad_input: int) -> None:
+        if first < 0:  # only another rank's loss was non-finite
+            raise DivergedError(f"non-finite loss on another rank in epoch {epoch}")
+        where = f"at epoch {epoch} batch {self.start + first}"
+        if bad_input:
             raise DivergedError(
-                f"the input batch {where} holds {bad} NaN/Inf values; check the dataset and "
-                "its transforms"
+                f"the input batch {where} holds {bad_input} NaN/Inf values; check the dataset "
+                "and its transforms"
             )
-        detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+        terms = self.bad_terms.tolist()
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names, terms))
         raise DivergedError(
             f"non-finite loss {where} ({detail}); lower optimizer.lr or enable trainer.grad_clip"
         )
-
-
-def _accumulate(state: TrainState, terms: Mapping[str, Tensor], n: int) -> int:
-    """Add a batch's sample-weighted loss terms to ``state``: summed over all ranks under
-    torchrun, so every rank (and its checkpoint) holds the global sums. Returns the samples."""
-    if distributed.active():
-        local = torch.stack([v.detach().double() * n for v in terms.values()])
-        totals = distributed.all_reduce_sum(torch.cat([local, local.new_tensor([n])])).tolist()
-        values, n = totals[:-1], int(totals[-1])
-    else:
-        values = [v.item() * n for v in terms.values()]
-    for k, v in zip(terms, values):
-        state.sums[k] = state.sums.get(k, 0.0) + v
-    state.seen += n
-    return n
 
 
 def train_one_epoch(
@@ -138,16 +175,21 @@ def train_one_epoch(
     loader: Iterable,
     epoch: int,
     state: TrainState,
-    on_step: Callable[[TrainState], None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, float]:
-    """Train on ``loader`` (the batches of ``epoch`` from ``state.batch`` on), calling
-    ``on_step(state)`` after each step; returns the epoch's sample-averaged loss terms, lr and
-    throughput (of this process's share when resumed mid-epoch)."""
+    """Train on ``loader`` (the batches of ``epoch`` from ``state.batch`` on), calling every
+    callback's ``on_step_end(state)`` after each step; returns the epoch's sample-averaged loss
+    terms, lr and throughput (of this process's share when resumed mid-epoch).
+
+    The host reads the losses every ``options.sync_every`` steps, before a callback that reads
+    the state (:meth:`~conkd.callbacks.Callback.needs_state`: a mid-epoch checkpoint) and at the
+    end: a non-finite loss stops the run there, before anything is written.
+    """
     model, opts, device = job.model, job.options, job.device
     model.train()
     total = state.batch + len(loader)  # type: ignore[arg-type]
     total = total if opts.max_steps is None else min(total, opts.max_steps)
-    start, seen_here = time.perf_counter(), 0
+    start, seen_at_start, tally = time.perf_counter(), state.seen, Tally(state.batch)
     bar = tqdm(total=total, initial=state.batch, desc=f"epoch {epoch}", leave=False,
                disable=not opts.progress)  # fmt: skip
     for x, y, index in loader:
@@ -161,7 +203,6 @@ def train_one_epoch(
         with autocast(device, opts.precision):
             t_out = job.teacher(x, epoch, index) if job.teacher is not None else None
             terms = job.objective(model(x), t_out, y, mixed)
-        _check_finite(x, terms, epoch, state.batch)
         job.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if opts.grad_clip:
@@ -171,17 +212,20 @@ def train_one_epoch(
             job.average.update_parameters(distributed.unwrap(model))
         if job.scheduler is not None:
             job.scheduler.step()
-        n = _accumulate(state, terms, y.shape[0])
+        tally.add(x, terms, y.shape[0])
         state.step += 1
         state.batch += 1
-        seen_here += n
         bar.update()
-        bar.set_postfix(loss=f"{state.sums['loss'] / state.seen:.4f}",
-                        img_s=f"{seen_here / (time.perf_counter() - start):.0f}")  # fmt: skip
-        if on_step is not None:
-            on_step(state)
+        if state.step % opts.sync_every == 0 or any(cb.needs_state(state) for cb in callbacks):
+            tally.sync(state, epoch)
+            rate = (state.seen - seen_at_start) / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{state.sums['loss'] / state.seen:.4f}", img_s=f"{rate:.0f}")
+        for cb in callbacks:
+            cb.on_step_end(state)
+    tally.sync(state, epoch)
     bar.close()
     elapsed = time.perf_counter() - start
+    seen_here = state.seen - seen_at_start
     out = {f"train/{k}": v / max(state.seen, 1) for k, v in state.sums.items()}
     out["train/lr"] = job.optimizer.param_groups[0]["lr"]
     out["train/epoch_time_s"] = elapsed
@@ -209,9 +253,11 @@ def evaluate(
     asked for the un-augmented view (``epoch=None``) of each sample.
     """
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    sums: dict[str, float] = defaultdict(float)
-    correct5 = seen = 0
+    # counts and sums stay on the device and are read once, after the last batch
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    sums: dict[str, Tensor] = {}
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     k = min(5, num_classes)
     for x, y, index in tqdm(loader, desc=prefix, leave=False, disable=not progress):
         x, y = to_device(x, device, channels_last), y.to(device)
@@ -220,20 +266,17 @@ def evaluate(
             if objective is not None:
                 t_out = teacher(x, None, index) if teacher is not None else None
                 for name, v in objective(out, t_out, y).items():
-                    sums[name] += v.item() * y.shape[0]
-        logits = out["logits"].float()
-        top = logits.topk(k, dim=1).indices
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-        idx = (y * num_classes + top[:, 0]).cpu()
-        confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+                    sums[name] = sums.get(name, 0.0) + v.detach().double() * y.shape[0]
+        top = out["logits"].float().topk(k, dim=1).indices
+        correct5 += (top == y[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(y * num_classes + top[:, 0], minlength=num_classes**2)
         seen += y.shape[0]
-    if distributed.active():  # each rank saw its share of the split: sum the counts
-        names = sorted(sums)
-        packed = torch.tensor([correct5, seen, *(sums[k] for k in names)], dtype=torch.float64)
-        packed = distributed.all_reduce_sum(packed).tolist()
-        correct5, seen = int(packed[0]), int(packed[1])
-        sums = dict(zip(names, packed[2:]))
-        confusion = distributed.all_reduce_sum(confusion)
+    names = sorted(sums)
+    packed = torch.stack([correct5.double(), torch.tensor(seen, dtype=torch.float64, device=device),
+                          *(sums[k] for k in names)])  # fmt: skip
+    correct5_, seen_, *values = distributed.all_reduce_sum(packed).tolist()
+    correct5, seen, sums = int(correct5_), int(seen_), dict(zip(names, values))
+    confusion = distributed.all_reduce_sum(confusion).view(num_classes, num_classes).cpu()
     metrics = {
         f"{prefix}/top1": 100.0 * confusion.diag().sum().item() / max(seen, 1),
         f"{prefix}/top5": 100.0 * correct5 / max(seen, 1),
@@ -278,14 +321,10 @@ def fit(
     state = state or TrainState()
     sign = 1.0 if opts.mode == "max" else -1.0
 
-    def on_step(s: TrainState) -> None:
-        for cb in callbacks:
-            cb.on_step_end(s)
-
     while state.epoch < opts.epochs and not state.stopped_early:
         epoch = state.epoch
         loader = train_loader(epoch, state.batch)
-        metrics = train_one_epoch(job, loader, epoch, state, on_step)
+        metrics = train_one_epoch(job, loader, epoch, state, callbacks)
         metrics.update(validate(job, val_loader))
         if opts.monitor not in metrics:
             raise KeyError(f"objective {opts.monitor!r} is not among the metrics {sorted(metrics)}")

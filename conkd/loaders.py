@@ -222,6 +222,28 @@ class DecodedLoaders:
         return self._loader(dataset, array, sampler, self.splits.eval_batch_size, False)
 
 
+#: The share of a GPU's free memory the arrays of ``resident: auto`` may take.
+RESIDENT_SHARE = 0.25
+
+
+def keep_resident(want: bool | str, device: torch.device, nbytes: int) -> bool:
+    """Whether data of ``nbytes`` lives on ``device`` for the whole run (``want``: True, False
+    or ``"auto"``: on a CUDA device when it takes at most :data:`RESIDENT_SHARE` of its free
+    memory). Resident data is gathered by index on the device: no host copy, no host-to-device
+    transfer per step."""
+    if want != "auto":
+        return bool(want)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= RESIDENT_SHARE * free
+
+
+def to_resident(array: np.ndarray, device: torch.device) -> Tensor:
+    """A decoded array (a read-only memory map) copied into ``device`` memory, once."""
+    return torch.from_numpy(np.array(array)).to(device)
+
+
 class DecodedLoader:
     """One epoch of ``(x, y, i)`` batches from a decoded array, in ``sampler``'s order.
 
@@ -229,6 +251,10 @@ class DecodedLoader:
     thread gathers the next batch's rows from the memory map (and draws its views) while the
     caller computes; the batch is then moved to ``device`` and rendered there. ``x`` lives on
     ``device``; ``y`` and ``i`` are CPU int64 tensors, as a DataLoader gives them.
+
+    With ``array`` a tensor (resident on ``device``: :func:`keep_resident`) the thread only
+    draws the views; rows and labels are gathered on the device (``y`` then lives there too),
+    so a step moves nothing but the batch's positions and view parameters to the device.
     """
 
     def __init__(
@@ -253,6 +279,11 @@ class DecodedLoader:
         self.batch_size, self.drop_last = batch_size, drop_last
         self.device = torch.device(device)
         self.prefetch = max(1, prefetch)
+        self.resident = isinstance(array, Tensor)
+        if self.resident:
+            self.device = array.device
+            self.device_rows = torch.from_numpy(self.rows).to(self.device)
+            self.device_targets = self.targets.to(self.device)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -264,13 +295,24 @@ class DecodedLoader:
         b = self.batch_size
         return [order[s : s + b] for s in range(0, len(self) * b, b)]
 
-    def _gather(self, positions: list[int]) -> tuple[Tensor, Tensor, Tensor, ViewParams]:
+    def _gather(self, positions: list[int]) -> tuple[Tensor | None, Tensor, Tensor, ViewParams]:
         index = torch.tensor(positions, dtype=torch.int64)
+        params = self.spec.draw(self.seed, self.sampler.epoch, index)
+        if self.resident:  # the positions go to the device: pinned, the copy is asynchronous
+            index = index.pin_memory() if self.device.type == "cuda" else index
+            return None, self.targets[index], index, params
         x = torch.from_numpy(np.ascontiguousarray(self.array[self.rows[positions]]))
         if self.device.type == "cuda":
             x = x.pin_memory()
-        params = self.spec.draw(self.seed, self.sampler.epoch, index)
         return x, self.targets[index], index, params
+
+    def _on_device(self, x: Tensor | None, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's rows and labels on the device: copied, or gathered there (resident)."""
+        non_blocking = self.device.type == "cuda"
+        if not self.resident:
+            return x.to(self.device, non_blocking=non_blocking), y  # type: ignore[union-attr]
+        at = index.to(self.device, non_blocking=non_blocking)
+        return self.array.index_select(0, self.device_rows[at]), self.device_targets[at]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         batches = self.batches()
@@ -281,14 +323,13 @@ class DecodedLoader:
             daemon=True,
         )  # fmt: skip
         worker.start()
-        non_blocking = self.device.type == "cuda"
         try:
             for _ in batches:
                 item = ready.get()
                 if isinstance(item, BaseException):
                     raise item
                 x, y, index, params = item
-                x = x.to(self.device, non_blocking=non_blocking)
+                x, y = self._on_device(x, y, index)
                 yield render(self.spec, x, params), y, index
         finally:
             stop.set()

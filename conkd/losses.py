@@ -105,10 +105,11 @@ def supcon_loss(
     positives = (labels.unsqueeze(0) == labels.unsqueeze(1)) & ~self_mask
     n_pos = positives.sum(dim=1)
     has_pos = n_pos > 0
-    if not has_pos.any():
-        return features.sum() * 0.0
-    mean_log_prob_pos = (log_prob * positives).sum(dim=1)[has_pos] / n_pos[has_pos]
-    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+    # anchors without a positive are left out of the mean (0 when no anchor has one); by masks,
+    # not by boolean indexing or an ``if``, which would wait for the device on every step
+    mean_log_prob_pos = (log_prob * positives).sum(dim=1) / n_pos.clamp(min=1)
+    mean = (mean_log_prob_pos * has_pos).sum() / has_pos.sum().clamp(min=1)
+    return -(temperature / base_temperature) * mean
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ TABLE: dict[str, tuple[Effect, str]] = {
     "teacher_cache.enabled": (RESULT, "the cache serves float16-rounded teacher outputs"),
     "teacher_cache.dir": (OPERATIONAL, "where caches go"),
     "teacher_cache.max_gb": (OPERATIONAL, "whether an auto cache is worth its disk"),
+    "teacher_cache.resident": (OPERATIONAL, "where the cached rows live; the same rows"),
     # the loop
     "trainer.epochs": (TEACHER, "the epochs of views the cache holds"),
     "trainer.max_steps_per_epoch": (TEACHER, "which batches of an epoch are seen"),
@@ -75,10 +76,14 @@ TABLE: dict[str, tuple[Effect, str]] = {
     "trainer.channels_last": (TEACHER, "the teacher's memory format (other kernels)"),
     "trainer.device": (RESULT, "other kernels; a cache built on one device serves another"),
     "trainer.compile": (RESULT, "other kernels for the trained network"),
+    "trainer.compile_mode": (RESULT, "other kernels for the trained network"),
+    "trainer.optimizer_kernel": (RESULT, "other kernels for the updates"),
+    "trainer.gpu_memory_fraction": (OPERATIONAL, "a cap on this process's GPU memory"),
     "trainer.grad_clip": (RESULT, "the updates"),
     "trainer.ema_decay": (RESULT, "the weights validated, tested and kept"),
     "trainer.decay_norms_and_biases": (RESULT, "the updates"),
     "trainer.progress": (OPERATIONAL, "progress bars"),
+    "trainer.sync_every_steps": (OPERATIONAL, "how often the host reads the losses"),
     "trainer.checkpoint_every_steps": (OPERATIONAL, "how often last.pt is written"),
     # the data
     "dataset._target_": (TEACHER_DIGEST, "the data module: its fingerprint and view pipeline"),
@@ -101,6 +106,7 @@ TABLE: dict[str, tuple[Effect, str]] = {
     "dataset.decode.dir": (OPERATIONAL, "where decoded arrays go"),
     "dataset.decode.workers": (OPERATIONAL, "decoding processes"),
     "dataset.decode.progress": (OPERATIONAL, "progress bars"),
+    "dataset.decode.resident": (OPERATIONAL, "where the decoded rows live; the same rows"),
     "dataset.decode.verify": (OPERATIONAL, "checksums on open"),
 }
 

@@ -40,6 +40,7 @@ from conkd.engine import (
 from conkd.loaders import Loaders
 from conkd.models import model_summary
 from conkd.nested import flatten
+from conkd.optimizers import describe as describe_optimizer
 from conkd.sweep import TrialReporter, reporter_from_hydra
 from conkd.teacher import (
     AUTO,
@@ -82,6 +83,7 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
     builders.seed_everything(cfg.seed)
     ctx = distributed.from_env()
     device = distributed.setup(ctx, builders.resolve_device(cfg.trainer.device))
+    builders.limit_gpu_memory(device, cfg.trainer.gpu_memory_fraction)
     if not ctx.is_main:
         log.setLevel(logging.WARNING)  # rank 0 speaks for the run
     # one output folder for all ranks: rank 0's (each rank's Hydra made its own)
@@ -134,7 +136,7 @@ def record_start(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
         parts.spec.get("arch", "probe"),
         parts.teacher_tags.get("teacher"),
         cfg.loss.name,
-        cfg.optimizer._target_,
+        describe_optimizer(parts.job.optimizer),
         parts.job.device,
         data.describe(),
     )

@@ -52,11 +52,15 @@ class TrainerConf:
     precision: str = "32"  # 32 | bf16 (`trainer.precision=32` arrives as an int: checked in run)
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead | max-autotune
+    optimizer_kernel: str = "auto"  # auto | fused | plain (conkd.optimizers.KERNELS)
+    gpu_memory_fraction: Optional[float] = None  # noqa: UP045
     grad_clip: Optional[float] = None  # noqa: UP045
     ema_decay: Optional[float] = None  # noqa: UP045
     decay_norms_and_biases: bool = True
     checkpoint_every_steps: Optional[int] = None  # noqa: UP045
     progress: bool = True
+    sync_every_steps: int = 50
 
 
 @dataclass
@@ -78,6 +82,7 @@ class TeacherCacheConf:
     enabled: Any = "auto"  # auto | true | false
     dir: str = MISSING
     max_gb: float = 4.0
+    resident: Any = "auto"  # auto | true | false
 
 
 @dataclass

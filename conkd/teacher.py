@@ -25,6 +25,7 @@ from torch import nn
 from conkd import checkpoint as ckpt_io
 from conkd.engine import TeacherFn, online_teacher
 from conkd.errors import ConKDError
+from conkd.loaders import keep_resident
 from conkd.teacher_cache import TeacherCache, state_dict_digest
 from conkd.tracking import fetch_registered_checkpoint
 
@@ -130,6 +131,7 @@ class CachePolicy:
     enabled: bool | str  # True, False or "auto": on while the cache fits max_gb
     directory: Path
     max_gb: float
+    resident: bool | str = "auto"  # in device memory (conkd.loaders.keep_resident)
 
     def use(self, size_gb: float) -> bool:
         """Whether a cache of ``size_gb`` serves the teacher (auto: only while it fits)."""
@@ -217,6 +219,8 @@ def teacher_function(
         )  # fmt: skip
 
     cache, built = TeacherCache.ensure(settings.cache.directory, fields, build)
+    if keep_resident(settings.cache.resident, device, cache.size_bytes):
+        cache.to_device(device)
     what = f"built in {cache.build_seconds:.1f} s" if built else "reused"
     log.info("teacher cache: %s (%s, %.1f MB)", cache.directory, what, cache.size_bytes / 2**20)
     tags = {**found.tags, "teacher.cache": str(cache.directory), "teacher.cache_built": str(built)}

@@ -162,6 +162,7 @@ class TeacherCache:
         self.train = train
         self.val = val
         self.filled = filled
+        self.resident: torch.device | None = None  # set by to_device
         self.outputs: list[str] = list(meta["outputs"])
         self.key: str | None = meta.get("key")
         self.epochs = int(meta["epochs"])
@@ -189,9 +190,12 @@ class TeacherCache:
         the student towards a wrong teacher.
         """
         idx = positions(index)
+        at = idx
+        if self.resident is not None:  # a copy, not a wait: the device has no say in the checks
+            at = torch.from_numpy(idx).to(self.resident, non_blocking=True)
         if epoch is None:
             self._check_range(idx, self.n_val, "validation")
-            rows = {name: array[idx] for name, array in self.val.items()}
+            rows = {name: array[at] for name, array in self.val.items()}
         else:
             epoch = int(epoch)
             if not 0 <= epoch < self.epochs:
@@ -209,11 +213,21 @@ class TeacherCache:
                     "the ones it was built for (a cache-key field is missing: batch size, "
                     "max_steps_per_epoch, seed, data split?)"
                 )
-            rows = {name: array[epoch, idx] for name, array in self.train.items()}
-        return {
-            name: torch.from_numpy(np.asarray(row, dtype=np.float32)).to(x.device)
-            for name, row in rows.items()
-        }
+            rows = {name: array[epoch, at] for name, array in self.train.items()}
+        return {name: self._float32(row, x.device) for name, row in rows.items()}
+
+    @staticmethod
+    def _float32(row: np.ndarray | Tensor, device: torch.device) -> Tensor:
+        if isinstance(row, Tensor):  # resident: gathered on the device
+            return row.float()
+        return torch.from_numpy(np.asarray(row, dtype=np.float32)).to(device)
+
+    def to_device(self, device: torch.device) -> None:
+        """Keep the outputs in ``device`` memory (float16, copied once) and gather them there;
+        the checks of each lookup stay on the host, so a lookup moves only the positions."""
+        self.train = {k: torch.from_numpy(np.array(a)).to(device) for k, a in self.train.items()}
+        self.val = {k: torch.from_numpy(np.array(a)).to(device) for k, a in self.val.items()}
+        self.resident = device
 
     def _check_range(self, idx: np.ndarray, size: int, split: str) -> None:
         if idx.size and (idx.min() < 0 or idx.max() >= size):

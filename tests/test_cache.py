@@ -83,6 +83,27 @@ def test_cached_teacher_trains_the_student_like_the_online_one(
     assert a["metrics"]["train/ce"] == b["metrics"]["train/ce"]  # no teacher in CE
 
 
+def test_resident_data_and_cache_train_the_same_student(
+    compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The device-resident path (the CPU as the device): decoded arrays and teacher cache copied
+    into memory once and gathered by index give a bit-identical student."""
+    from conkd.teacher_cache import TeacherCache
+
+    mapped = student(compose_cfg, image_folder, teacher_run, tmp_path / "mapped",
+                     "dataset.decode.resident=false", "teacher_cache.resident=false")  # fmt: skip
+    moved: list = []
+    real = TeacherCache.to_device
+    monkeypatch.setattr(TeacherCache, "to_device", lambda c, d: (moved.append(d), real(c, d)))
+    resident = student(compose_cfg, image_folder, teacher_run, tmp_path / "resident",
+                       "dataset.decode.resident=true", "teacher_cache.resident=true")  # fmt: skip
+    assert moved == [torch.device("cpu")]
+    for key in ("train/kd", "train/supcon", "train/loss", "val/kd", "val/top1"):
+        assert resident["metrics"][key] == mapped["metrics"][key], key
+    for name, weight in mapped["state_dict"].items():
+        assert torch.equal(resident["state_dict"][name], weight), name
+
+
 def test_reused_cache_never_loads_the_teacher(
     compose_cfg, image_folder: Path, teacher_run: Path, tmp_path: Path, monkeypatch
 ) -> None:

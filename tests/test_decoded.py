@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as tvf
 from conkd.data import DataModule
 from conkd.decoded import ARRAY_FILE, META_FILE, DecodedArray, decode_key
 from conkd.errors import ConKDError
-from conkd.loaders import DecodedLoader, EpochSampler
+from conkd.loaders import DecodedLoader, EpochSampler, keep_resident
 from conkd.sources import ImageFolderSource, Split
 from conkd.views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, render
 
@@ -38,7 +38,8 @@ def make_dm(
         image_size=24, batch_size=8, eval_batch_size=3, num_workers=0, seed=3, augment=augment
     )
     options.update(kwargs)
-    decode = {"dir": str(cache), "size": size, "workers": 0, "progress": False}
+    decode = {"dir": str(cache), "size": size, "workers": 0, "progress": False,
+              "resident": options.pop("resident", "auto")}  # fmt: skip
     return DataModule(source, decode=decode, **options)
 
 
@@ -118,6 +119,27 @@ def test_loader_order_is_the_epoch_samplers(source: ImageFolderSource, tmp_path:
     assert [len(b[2]) for b in batches] == [3, 1]
     assert torch.cat([b[2] for b in batches]).tolist() == list(range(len(dm.val)))
     assert torch.cat([b[1] for b in batches]).tolist() == dm.val.targets
+
+
+def test_resident_arrays_give_the_same_batches(source: ImageFolderSource, tmp_path: Path) -> None:
+    """``resident=true`` with the CPU as the device: the arrays are copied into memory once and
+    gathered by index; every batch (views, labels, positions) equals the memory-map path's."""
+    augment = {"randaugment_ops": 1}
+    mapped = make_dm(source, tmp_path, size=40, augment=augment, resident=False).loaders()
+    resident = make_dm(source, tmp_path, size=40, augment=augment, resident=True).loaders()
+    assert not mapped.train(0).resident and resident.train(0).resident
+    assert isinstance(resident.arrays["train"], torch.Tensor)
+    for a, b in zip(resident.arrays.values(), mapped.arrays.values(), strict=True):
+        assert np.array_equal(a.numpy(), b)
+    for ours, theirs in ((resident.train(2, 8), mapped.train(2, 8)),
+                         (resident.eval("val"), mapped.eval("val"))):  # fmt: skip
+        pairs = list(zip(ours, theirs, strict=True))
+        assert len(pairs) == len(theirs)
+        for (x, y, i), (x2, y2, i2) in pairs:
+            assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(i, i2)
+    assert not keep_resident("auto", torch.device("cpu"), 1)  # auto: the CPU path stays
+    with pytest.raises(ConKDError, match="dataset.decode.resident must be auto, true or false"):
+        make_dm(source, tmp_path, resident="yes")
 
 
 def test_crop_none_is_resize_and_normalize(source: ImageFolderSource, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from benchmarks.fault_resume import compare_runs
 from conkd import checkpoint as ckpt_io
-from conkd.averaging import ema_decay, ema_update, weight_average
+from conkd.averaging import ema_decay, weight_average
 from conkd.builders import build_data, param_groups
 from conkd.engine import evaluate
 from conkd.errors import ConKDError
@@ -31,23 +31,9 @@ from tests.test_resume import Crash, crash_after_step
 
 def test_ema_decay_warms_up_then_holds() -> None:
     # (1 + n) / (10 + n): 0.1 at n = 0, 0.5 at n = 8, 0.91 at n = 90; capped at the decay
-    assert [round(float(ema_decay(0.99, n)), 6) for n in (0, 8, 90, 10_000)] == [
-        0.1, 0.5, 0.91, 0.99,
-    ]  # fmt: skip
-
-
-def test_ema_update_is_a_lerp_and_copies_integer_buffers() -> None:
-    update = ema_update(0.5)
-    avg, cur = [torch.tensor([0.0, 2.0])], [torch.tensor([4.0, 4.0])]
-    update(avg, cur, torch.tensor(100))  # decay min(0.5, 101/110) = 0.5
-    torch.testing.assert_close(avg[0], torch.tensor([2.0, 3.0]))
-    update(avg, cur, torch.tensor(0))  # warm-up: decay 0.1 -> 0.9 of the way to the model
-    torch.testing.assert_close(avg[0], torch.tensor([3.8, 3.9]))
-    count = [torch.tensor(3)]
-    update(count, [torch.tensor(7)], torch.tensor(100))
-    assert count[0].item() == 7
+    assert [round(ema_decay(0.99, n), 6) for n in (0, 8, 90, 10_000)] == [0.1, 0.5, 0.91, 0.99]
     with pytest.raises(ValueError, match=r"EMA decay must be in \(0, 1\)"):
-        ema_update(1.0)
+        weight_average(nn.Linear(1, 1), 1.0)
 
 
 def test_weight_average_follows_parameters_and_batchnorm_statistics() -> None:
@@ -60,10 +46,29 @@ def test_weight_average_follows_parameters_and_batchnorm_statistics() -> None:
     with torch.no_grad():
         net[0].weight.fill_(3.0)
         net[1].running_mean.fill_(4.0)
+        net[1].num_batches_tracked.fill_(7)
     avg.update_parameters(net)  # n = 1: decay min(0.5, 2/11) = 2/11
     expected = 1.0 + (1 - 2 / 11) * 2.0
     torch.testing.assert_close(avg.module[0].weight, torch.full((2, 2), expected))
     torch.testing.assert_close(avg.module[1].running_mean, torch.full((2,), (1 - 2 / 11) * 4.0))
+    assert avg.module[1].num_batches_tracked.item() == 7  # integer buffers are copied
+    assert avg.n_averaged.item() == 2
+
+
+def test_a_restored_average_continues_from_its_update_count() -> None:
+    """The host mirrors the counter; a restore must re-read it (else the warm-up restarts)."""
+    net = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    a = weight_average(net, decay=0.99)
+    for _ in range(90):
+        a.update_parameters(net)
+    b = weight_average(nn.Linear(1, 1, bias=False), decay=0.99)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    a.update_parameters(net), b.update_parameters(net)  # n = 90: decay 0.91, not the first copy
+    assert a.module.weight.item() == b.module.weight.item() == pytest.approx(0.09)
 
 
 # --- mixing ------------------------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""The training step near the chip, checked on the CPU: no host synchronisation per step (the
+loop reads its losses on the host every ``trainer.sync_every_steps``), and a non-finite loss still
+names its batch."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conkd.engine import TrainState, train_one_epoch
+from conkd.errors import ConKDError, DivergedError
+from conkd.optimizers import describe, fast_optimizer
+from tests.conftest import ROOT, tiny_overrides
+
+CONKD = str(ROOT / "conkd")
+#: What waits for the device when a tensor lives on a GPU.
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+class Reads(Counter):
+    """Calls of :data:`SYNCS` on tensors made by ConKD's own code while ``on``, by method and
+    by ``method file:line``."""
+
+    on = False
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> Reads:
+    counts = Reads()
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            f = sys._getframe(1)
+            if counts.on and f.f_code.co_filename.startswith(CONKD):
+                counts[_name] += 1
+                counts[f"{_name} {Path(f.f_code.co_filename).name}:{f.f_code.co_name}"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+@pytest.fixture
+def tiny(image_folder: Path, tmp_path: Path) -> list[str]:
+    return tiny_overrides(image_folder, tmp_path / "run", tmp_path / "mlruns")
+
+
+def student_parts(compose_cfg, tiny, teacher_run: Path, *extra: str):
+    """The mission's student (LS-KD + SupCon, Lion) with an online teacher, mixing and an EMA:
+    every part of a step that could read a tensor on the host."""
+    from conkd.run import setup
+
+    cfg = compose_cfg([
+        *tiny, "loss=lsd+supcon", "optimizer=lion", "model@teacher=resnet18",
+        f"teacher_ckpt={teacher_run}/checkpoints/best.pt",
+        "teacher_cache.enabled=false", "trainer.ema_decay=0.9", "dataset.mix.mixup_alpha=0.2",
+        "dataset.mix.cutmix_alpha=1.0", "mlflow.enabled=false", "trainer.grad_clip=1.0", *extra,
+    ])  # fmt: skip
+    return setup(cfg, None)
+
+
+def batches(n: int, size: int = 4, classes: int = 3) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.rand(size, 3, 32, 32, generator=g), torch.arange(size) % classes, torch.arange(size))
+        for _ in range(n)
+    ]
+
+
+def test_a_training_step_reads_nothing_on_the_host(compose_cfg, tiny, teacher_run, host_reads):
+    parts = student_parts(compose_cfg, tiny, teacher_run)
+    parts.job.options.max_steps = None
+    state, host_reads.on = TrainState(), True
+    metrics = train_one_epoch(parts.job, batches(100), 0, state)
+    host_reads.on = False
+    # one read every 50 steps (steps 50 and 100), none at the end: nothing was left unread
+    assert host_reads == Counter({"tolist": 2, "tolist engine.py:sync": 2}), host_reads
+    assert state.step == 100 and metrics["train/loss"] > 0
+
+
+def test_the_sums_match_a_per_step_read(compose_cfg, tiny, teacher_run) -> None:
+    """Read every step or every 7: the same epoch sums (the tally only moves the read)."""
+    results = []
+    for every in (1, 7):
+        parts = student_parts(compose_cfg, tiny, teacher_run, f"trainer.sync_every_steps={every}")
+        parts.job.options.max_steps = None
+        torch.manual_seed(0)
+        results.append(train_one_epoch(parts.job, batches(10), 0, TrainState()))
+    for k in ("train/loss", "train/kd", "train/supcon", "train/ce"):
+        assert results[0][k] == pytest.approx(results[1][k], rel=1e-12), k
+
+
+def test_a_late_read_still_names_the_first_non_finite_batch(compose_cfg, tiny, teacher_run):
+    parts = student_parts(compose_cfg, tiny, teacher_run)
+    parts.job.options.max_steps = None
+    data = batches(30)
+    data[23][0][1, 2, 3, 4] = float("inf")
+    state = TrainState()
+    with pytest.raises(DivergedError, match=r"input batch at epoch 0 batch 23 holds 1 NaN/Inf"):
+        train_one_epoch(parts.job, data, 0, state)
+    assert state.seen == 0 and state.sums == {}  # nothing of the bad window reached the state
+
+
+# --- the optimizer's kernel --------------------------------------------------------------------
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def one_step(make, seed: int = 0) -> list[torch.Tensor]:
+    """The parameters of a small network after two steps of ``make`` on fixed gradients."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = make(net.parameters())
+    for _ in range(2):
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_the_fast_kernel_is_chosen_on_cuda_and_left_alone_elsewhere() -> None:
+    from lion_pytorch import Lion
+    from lion_pytorch.foreach import Lion as ForeachLion
+
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05)
+    assert fast_optimizer(adamw, CUDA).keywords == {"lr": 1e-3, "weight_decay": 0.05, "fused": True}
+    assert fast_optimizer(adamw, CPU) is adamw  # auto: plain off CUDA
+    assert fast_optimizer(adamw, CUDA, "plain") is adamw
+    assert fast_optimizer(functools.partial(torch.optim.SGD, lr=0.1), CUDA).keywords["fused"]
+    lion = functools.partial(Lion, lr=3e-4, betas=(0.95, 0.98), weight_decay=0.5)
+    assert fast_optimizer(lion, CUDA).func is ForeachLion
+    # what the config says itself wins: an explicit foreach, Lion's triton kernel
+    own = functools.partial(torch.optim.AdamW, lr=1e-3, foreach=False)
+    assert fast_optimizer(own, CUDA) is own
+    triton = functools.partial(Lion, lr=3e-4, use_triton=True)
+    assert fast_optimizer(triton, CUDA) is triton
+    with pytest.raises(ValueError, match="optimizer_kernel must be one of"):
+        fast_optimizer(adamw, CUDA, "fast")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.05),
+        functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        functools.partial(__import__("lion_pytorch").Lion, lr=1e-2, weight_decay=0.5),
+    ],
+    ids=["adamw", "sgd", "lion"],
+)
+def test_the_fast_kernel_computes_the_same_update(make) -> None:
+    """Forced on the CPU (torch's fused CPU kernels, lion-pytorch's foreach module): the same
+    parameters as the plain kernel after two steps, to float32 rounding."""
+    fast = fast_optimizer(make, CPU, "fused")
+    assert fast is not make
+    for plain, quick in zip(one_step(make), one_step(fast), strict=True):
+        torch.testing.assert_close(quick, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_the_run_logs_the_kernel_it_chose(compose_cfg, tiny) -> None:
+    from conkd.run import setup
+
+    ce = [*tiny, "stage=teacher", "loss=ce", "teacher_ckpt=null", "mlflow.enabled=false"]
+    parts = setup(compose_cfg([*ce, "optimizer=lion", "trainer.optimizer_kernel=fused",
+                               ]), None)  # fmt: skip
+    assert describe(parts.job.optimizer) == "lion_pytorch.foreach.Lion"
+    with pytest.raises(ConKDError, match="trainer.optimizer_kernel must be one of auto, fused, pl"):
+        setup(compose_cfg([*ce, "trainer.optimizer_kernel=fast"]), None)
+
+
+def test_the_gpu_memory_cap_is_checked_and_applied_only_on_cuda(monkeypatch) -> None:
+    from conkd.builders import limit_gpu_memory
+
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, d: calls.append((f, d)))  # fmt: skip
+    limit_gpu_memory(CPU, 0.25)
+    limit_gpu_memory(CUDA, None)
+    assert calls == []
+    limit_gpu_memory(CUDA, 0.25)
+    assert calls == [(0.25, CUDA)]
+    with pytest.raises(ConKDError, match=r"gpu_memory_fraction must be in \(0, 1\]"):
+        limit_gpu_memory(CUDA, 1.5)
