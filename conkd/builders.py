@@ -281,7 +281,7 @@ def build_job(
         max_steps=cfg.trainer.max_steps_per_epoch,
         grad_clip=cfg.trainer.grad_clip,
         progress=cfg.trainer.progress and ctx.is_main,
-        sync_every=cfg.trainer.sync_every_steps,
+        sync_at=(cfg.trainer.sync_every_steps, *filter(None, [cfg.trainer.checkpoint_every_steps])),
     )
     return Job(model, objective, optimizer, scheduler, device, options, teacher_fn, data.mixer,
                average)  # fmt: skip

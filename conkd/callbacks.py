@@ -3,8 +3,7 @@
 A :class:`Callback` has three hooks, each doing nothing unless overridden, so the loop calls
 every hook of every callback: :meth:`~Callback.on_resume` once when training continues from a
 checkpoint, :meth:`~Callback.on_step_end` after each optimizer step and
-:meth:`~Callback.on_epoch_end` after each epoch's validation (True stops training); a callback
-whose step hook reads the loss sums says so in :meth:`~Callback.needs_state`. The loop's
+:meth:`~Callback.on_epoch_end` after each epoch's validation (True stops training). The loop's
 callbacks, in the order ``conkd.run`` gives them:
 
 * :class:`HeartbeatCallback`: the owner's per-epoch sign of life, to the run and the trial;
@@ -34,11 +33,6 @@ class Callback:
     def on_resume(self, state: TrainState) -> None:
         """Training continues from a checkpoint's ``state`` (catch up on what it holds)."""
 
-    def needs_state(self, state: TrainState) -> bool:
-        """True when this step's ``on_step_end`` reads the state's loss sums (a checkpoint): the
-        loop reads them from the device first, which it otherwise does every few steps."""
-        return False
-
     def on_step_end(self, state: TrainState) -> None:
         """After every optimizer step."""
 
@@ -58,11 +52,8 @@ class CheckpointCallback(Callback):
     writer: Checkpointer
     every_steps: int | None = None
 
-    def needs_state(self, state: TrainState) -> bool:
-        return bool(self.every_steps) and state.step % self.every_steps == 0
-
     def on_step_end(self, state: TrainState) -> None:
-        if self.needs_state(state):
+        if self.every_steps and state.step % self.every_steps == 0:  # the loop's sums are read
             self.writer.save_last(state)
 
     def on_epoch_end(

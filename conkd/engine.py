@@ -79,7 +79,10 @@ class Options:
     max_steps: int | None = None
     grad_clip: float | None = None
     progress: bool = True
-    sync_every: int = 50  # steps between host reads of the losses (progress bar, NaN check)
+    #: the loop reads its losses on the host at the multiples of these step counts: the sync
+    #: interval (progress bar, NaN check) and the mid-epoch checkpoint interval (a checkpoint
+    #: holds the sums); every rank reads at the same steps, as the read is a collective
+    sync_at: tuple[int, ...] = (50,)
 
 
 @dataclass
@@ -181,9 +184,9 @@ def train_one_epoch(
     callback's ``on_step_end(state)`` after each step; returns the epoch's sample-averaged loss
     terms, lr and throughput (of this process's share when resumed mid-epoch).
 
-    The host reads the losses every ``options.sync_every`` steps, before a callback that reads
-    the state (:meth:`~conkd.callbacks.Callback.needs_state`: a mid-epoch checkpoint) and at the
-    end: a non-finite loss stops the run there, before anything is written.
+    The host reads the losses at the multiples of ``options.sync_at`` (every 50 steps, and
+    before each mid-epoch checkpoint) and at the end: a non-finite loss stops the run there,
+    before anything is written.
     """
     model, opts, device = job.model, job.options, job.device
     model.train()
@@ -216,7 +219,7 @@ def train_one_epoch(
         state.step += 1
         state.batch += 1
         bar.update()
-        if state.step % opts.sync_every == 0 or any(cb.needs_state(state) for cb in callbacks):
+        if any(state.step % every == 0 for every in opts.sync_at):
             tally.sync(state, epoch)
             rate = (state.seen - seen_at_start) / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{state.sums['loss'] / state.seen:.4f}", img_s=f"{rate:.0f}")
