@@ -52,8 +52,9 @@ def worker_cmd(args, work: Path, n: int) -> list[str]:
         f"hydra.sweep.dir={work / f'w{n}'}", "hydra.sweep.subdir=trial_${optuna.trial}",
         "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
         "stage=teacher", "loss=ce", "teacher_ckpt=null", "model=resnet18", "optimizer=adamw",
-        *dataset_overrides(args.data, args.image_size, args.batch_size, work, workers=4),
-        f"trainer.device={args.device}", f"trainer.epochs={args.epochs}",
+        *dataset_overrides(Path(args.data).resolve(), args.image_size, args.batch_size, work,
+                           workers=4),
+        f"trainer.device={args.device}", f"trainer.epochs={args.epochs}", *fraction,
         *([f"trainer.max_steps_per_epoch={args.steps}"] if args.steps else []),
         f"trainer.precision={'32' if args.device == 'cpu' else 'bf16'}",
         f"trainer.channels_last={str(args.device != 'cpu').lower()}",
@@ -91,7 +92,8 @@ def main() -> int:
         stats = study_stats(f"w{n}", _journal(work / f"w{n}" / "optuna.journal"))
         rates[n] = stats["trials"] / wall * 3600
         print(f"{n} worker(s): {stats['trials']} trials ({stats['pruned']} pruned, "
-              f"{stats['epochs']} epochs) in {wall:.0f} s: {rates[n]:.0f} trials/h", flush=True)  # fmt: skip
+              f"{stats['epochs']} epochs) in {wall:.0f} s: {rates[n]:.0f} trials/h",
+              flush=True)  # fmt: skip
     one = rates.get(1)
     if one:
         for n, rate in rates.items():
