@@ -216,8 +216,7 @@ def train_one_epoch(
         if job.scheduler is not None:
             job.scheduler.step()
         tally.add(x, terms, y.shape[0])
-        state.step += 1
-        state.batch += 1
+        state.step, state.batch = state.step + 1, state.batch + 1
         bar.update()
         if any(state.step % every == 0 for every in opts.sync_at):
             tally.sync(state, epoch)
@@ -227,11 +226,9 @@ def train_one_epoch(
             cb.on_step_end(state)
     tally.sync(state, epoch)
     bar.close()
-    elapsed = time.perf_counter() - start
-    seen_here = state.seen - seen_at_start
+    elapsed, seen_here = time.perf_counter() - start, state.seen - seen_at_start
     out = {f"train/{k}": v / max(state.seen, 1) for k, v in state.sums.items()}
-    out["train/lr"] = job.optimizer.param_groups[0]["lr"]
-    out["train/epoch_time_s"] = elapsed
+    out["train/lr"], out["train/epoch_time_s"] = job.optimizer.param_groups[0]["lr"], elapsed
     out["train/throughput_img_s"] = seen_here / elapsed if elapsed > 0 else math.nan
     state.batch, state.sums, state.seen = 0, {}, 0
     return out

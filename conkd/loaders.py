@@ -295,22 +295,26 @@ class DecodedLoader:
         b = self.batch_size
         return [order[s : s + b] for s in range(0, len(self) * b, b)]
 
-    def _gather(self, positions: list[int]) -> tuple[Tensor | None, Tensor, Tensor, ViewParams]:
+    def _gather(
+        self, positions: list[int]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, ViewParams]:
         index = torch.tensor(positions, dtype=torch.int64)
         params = self.spec.draw(self.seed, self.sampler.epoch, index)
         if self.resident:  # the positions go to the device: pinned, the copy is asynchronous
             index = index.pin_memory() if self.device.type == "cuda" else index
-            return None, self.targets[index], index, params
+            return None, None, index, params  # labels are gathered on the device
         x = torch.from_numpy(np.ascontiguousarray(self.array[self.rows[positions]]))
         if self.device.type == "cuda":
             x = x.pin_memory()
         return x, self.targets[index], index, params
 
-    def _on_device(self, x: Tensor | None, y: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    def _on_device(
+        self, x: Tensor | None, y: Tensor | None, index: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """The batch's rows and labels on the device: copied, or gathered there (resident)."""
         non_blocking = self.device.type == "cuda"
         if not self.resident:
-            return x.to(self.device, non_blocking=non_blocking), y  # type: ignore[union-attr]
+            return x.to(self.device, non_blocking=non_blocking), y  # type: ignore[union-attr,return-value]
         at = index.to(self.device, non_blocking=non_blocking)
         return self.array.index_select(0, self.device_rows[at]), self.device_targets[at]
 
