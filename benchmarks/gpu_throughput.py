@@ -73,49 +73,66 @@ def compile_overrides(mode: str) -> list[str]:
     return ["trainer.compile=true", f"trainer.compile_mode={'default' if mode == 'true' else mode}"]
 
 
-def ce_throughputs(
-    common: list[str], compiles: list[str], work: Path, steps: int, image_size: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """1.: img/s of the teacher and the student trained with CE, per ``trainer.compile``, and
-    each row's achieved TFLOP/s."""
-    results: dict[str, float] = {}
-    tflops: dict[str, float] = {}
-    warmups: dict[str, float] = {}
-    for compiled in compiles:
-        for who, arch in (("teacher", "resnet101"), ("student", "resnet18")):
-            ips, parts, warmup = throughput(
-                [
-                    *common,
-                    "stage=teacher",
-                    "loss=ce",
-                    f"model={arch}",
-                    *compile_overrides(compiled),
-                    f"paths.output_dir={work}/{who}{compiled}",
-                ],
-                steps,
-            )
-            row = f"{who} {arch} CE, compile={compiled}"
-            results[row] = ips
-            warmups[row] = warmup
-            flops = train_flops(parts.spec, image_size, parts.job.device)
-            tflops[row] = ips * flops / 1e12
-    return results, tflops, warmups
+def report(what: str, ips: float, tflops: float | None = None, first: float | None = None) -> None:
+    """One figure's line, printed as soon as it is measured (a run stopped at the device call's
+    time limit keeps what it measured)."""
+    achieved = f"  {tflops:7.2f} TFLOP/s" if tflops is not None else ""
+    warm = f"  first 3 steps {first:.1f} s" if first is not None else ""
+    print(f"{what:<62} {ips:8.0f} img/s{achieved}{warm}", flush=True)
 
 
-def lion_kernels(common: list[str], work: Path, steps: int) -> dict[str, float]:
+def ce_throughput(common: list[str], compiled: str, who: str, arch: str, work: Path,
+                  steps: int, image_size: int) -> float:  # fmt: skip
+    """1.: img/s of ``arch`` trained with CE under one ``trainer.compile`` setting, reported with
+    its achieved TFLOP/s and its first steps' seconds (compilation included)."""
+    overrides = [
+        *common,
+        "stage=teacher",
+        "loss=ce",
+        f"model={arch}",
+        *compile_overrides(compiled),
+        f"paths.output_dir={work}/{who}{compiled}",
+    ]
+    ips, parts, warmup = throughput(overrides, steps)
+    flops = train_flops(parts.spec, image_size, parts.job.device)
+    report(f"{who} {arch} CE, compile={compiled}", ips, ips * flops / 1e12, warmup)
+    return ips
+
+
+def lion_kernels(common: list[str], work: Path, steps: int) -> None:
     """img/s of the student trained with CE and Lion per ``trainer.optimizer_kernel`` (the
     plain per-tensor loop, lion-pytorch's foreach module) and with its triton kernel."""
-    results = {}
     for name, extra in (("plain", ["trainer.optimizer_kernel=plain"]),
                         ("foreach (fused)", ["trainer.optimizer_kernel=fused"]),
                         ("triton", ["+optimizer.use_triton=true"])):  # fmt: skip
         overrides = [*common, "stage=teacher", "loss=ce", "model=resnet18", "optimizer=lion",
                      *extra, f"paths.output_dir={work}/lion-{name.split()[0]}"]  # fmt: skip
         try:
-            results[f"student resnet18 CE, Lion {name}"] = throughput(overrides, steps)[0]
+            report(f"student resnet18 CE, Lion {name}", throughput(overrides, steps)[0])
         except Exception as err:  # triton needs its package and a GPU
-            print(f"Lion {name}: not measured ({type(err).__name__}: {err})")
-    return results
+            print(f"Lion {name}: not measured ({type(err).__name__}: {err})", flush=True)
+
+
+def cached_student(common: list[str], work: Path, steps: int, batch_size: int) -> float:
+    """2. and 3.: train a teacher to distil from, then the mission's student building and
+    reading its cache; reports the cache's build rate and the student's img/s (returned)."""
+    teacher = train_teacher(common, f"{work}/t")
+    cache_dir = Path(tempfile.mkdtemp(dir=work, prefix="cache-"))
+    student = [
+        *common,
+        "loss=lsd+supcon",
+        "optimizer=lion",
+        f"teacher_cache.dir={cache_dir}",
+        teacher,
+        f"paths.output_dir={work}/s",
+        f"trainer.max_steps_per_epoch={steps}",
+    ]
+    ips, _, _ = throughput(student, steps)
+    (meta,) = cache_metas(cache_dir)
+    stored = meta["epochs"] * min(steps * batch_size, meta["n_train"]) + meta["n_val"]
+    report("teacher cache build (resnet101 forward + store)", stored / meta["build_seconds"])
+    report("student lsd+supcon lion from cache, input pipeline included", ips)
+    return ips
 
 
 def main() -> int:
@@ -143,37 +160,25 @@ def main() -> int:
         "trainer.epochs=2",
         *QUIET,
     ]
-    results, tflops, warmups = ce_throughputs(common, args.compile.split(","), work,
-                                              args.steps, args.image_size)  # fmt: skip
-    results.update(lion_kernels(common, work, args.steps))
-    teacher = train_teacher(common, f"{work}/t")  # a checkpoint to distil from
-    cache_dir = Path(tempfile.mkdtemp(dir=work, prefix="cache-"))
-    student = [
-        *common,
-        "loss=lsd+supcon",
-        "optimizer=lion",
-        f"teacher_cache.dir={cache_dir}",
-        teacher,
-        f"paths.output_dir={work}/s",
-        f"trainer.max_steps_per_epoch={args.steps}",
-    ]
-    ips, parts, _ = throughput(student, args.steps)
-    (meta,) = cache_metas(cache_dir)
-    stored = meta["epochs"] * min(args.steps * args.batch_size, meta["n_train"]) + meta["n_val"]
-    results["teacher cache build (resnet101 forward + store)"] = stored / meta["build_seconds"]
-    results["student lsd+supcon lion from cache, input pipeline included"] = ips
-    print(
-        f"\n{name}, torch {torch.__version__}, {args.image_size} px, batch {args.batch_size}, "
-        f"precision {fast}, channels_last"
-    )
-    for what, value in results.items():
-        achieved = f"  {tflops[what]:7.2f} TFLOP/s" if what in tflops else ""
-        first = f"  first 3 steps {warmups[what]:.1f} s" if what in warmups else ""
-        print(f"{what:<62} {value:8.0f} img/s{achieved}{first}")
-    ce = results.get("student resnet18 CE, compile=false")
+    print(f"{name}, torch {torch.__version__}, {args.image_size} px, batch {args.batch_size}, "
+          f"precision {fast}, channels_last", flush=True)  # fmt: skip
+    # The uncompiled rows and the cached student's ratio first, then Lion's kernels, then the
+    # compile modes (minutes of compilation each): what a time limit cuts comes last.
+    modes = args.compile.split(",")
+    plain = [m for m in modes if m == "false"]
+    ce = {
+        arch: ce_throughput(common, m, who, arch, work, args.steps, args.image_size)
+        for m in plain
+        for who, arch in (("teacher", "resnet101"), ("student", "resnet18"))
+    }
+    ips = cached_student(common, work, args.steps, args.batch_size)
     if ce:
-        ratio = results["student lsd+supcon lion from cache, input pipeline included"] / ce
-        print(f"cached-teacher student / CE student (compile=false): {ratio:.3f}x")
+        print(f"cached-teacher student / CE student (compile=false): "
+              f"{ips / ce['resnet18']:.3f}x", flush=True)  # fmt: skip
+    lion_kernels(common, work, args.steps)
+    for mode in (m for m in modes if m != "false"):
+        for who, arch in (("teacher", "resnet101"), ("student", "resnet18")):
+            ce_throughput(common, mode, who, arch, work, args.steps, args.image_size)
     return 0
 
 

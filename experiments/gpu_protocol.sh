@@ -9,6 +9,7 @@
 #
 #   bash experiments/gpu_protocol.sh [DATA]      # DATA: a class-folder Imagenette (train/, val/)
 #   TRACKING_URI=sqlite:////abs/mlflow.db ...    # another MLflow store (gpu_check.sh: in $OUT)
+#   RUN_S=300 ...                                # stop the rows after 300 s, then the table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -18,5 +19,21 @@ ARGS=(--name gpu128 --data "$DATA" --image-size 128 --teacher-epochs 30 --studen
       --set dataset.eval_batch_size=512 --set dataset.num_workers=8)
 [ -n "${TRACKING_URI:-}" ] && ARGS+=(--tracking-uri "$TRACKING_URI")
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here')"
-"$PY" experiments/protocol.py run --rows teacher,ce,kd,lsd,conkd_lion,sweep,sweep_best "${ARGS[@]}"
+# RUN_S: seconds the rows may take in all (unset or 0: no limit). The table is written from the
+# runs that finished, however far they got, so the passes go by priority: every row's first
+# seed, then the second seeds, then the sweep and its best setting.
+RUN_S=${RUN_S:-0}
+deadline=$((RUN_S > 0 ? SECONDS + RUN_S : 0))
+rows() {
+  local left=0
+  if [ "$deadline" -gt 0 ]; then
+    left=$((deadline - SECONDS))
+    [ "$left" -gt 0 ] || { echo "[gpu_protocol] no time left for: $*"; return 0; }
+  fi
+  timeout -s INT -k 20 "$left" "$PY" experiments/protocol.py run "${ARGS[@]}" "$@" ||
+    echo "[gpu_protocol] $* stopped (exit $?): the table shows the runs that finished"
+}
+rows --rows teacher,ce,kd,lsd,conkd_lion --seeds 0
+rows --rows ce,kd,lsd,conkd_lion
+rows --rows sweep,sweep_best
 "$PY" experiments/protocol.py table "${ARGS[@]}"

@@ -1,0 +1,190 @@
+"""The GPU issue's one device call, checked without a GPU: what experiments/gpu_prepare.py
+carries (the wheels' set, the data's quality and packing), and how gpu_check.sh and
+gpu_protocol.sh share out the command's time limit (a fake Python and nvidia-smi stand in)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT
+
+spec = importlib.util.spec_from_file_location(
+    "gpu_prepare", ROOT / "experiments" / "gpu_prepare.py"
+)
+gpu_prepare = importlib.util.module_from_spec(spec)
+sys.modules["gpu_prepare"] = gpu_prepare
+spec.loader.exec_module(gpu_prepare)
+
+
+def test_closure_follows_markers_for_the_device_python_and_leaves_extras_out() -> None:
+    requires = {
+        "a": [
+            "B>=1",
+            "c; python_version < '3.11'",
+            "d; extra == 'ui'",
+            "e; sys_platform == 'win32'",
+        ],
+        "b": ["a"],  # a cycle ends where it began
+        "c": [],
+        "d": [],
+        "e": [],
+    }
+    versions = {"a": "1", "b": "2", "c": "3", "d": "4", "e": "5"}
+    assert gpu_prepare.closure(["A"], "3.12", requires, versions) == {"a": "1", "b": "2"}
+    assert gpu_prepare.closure(["a"], "3.10", requires, versions) == {"a": "1", "b": "2", "c": "3"}
+
+
+def test_device_roots_leave_servers_out_and_take_mlflow_without_its_ui() -> None:
+    roots = gpu_prepare.device_roots()
+    assert {"hydra-core", "hydra-optuna-sweeper", "optuna", "lion-pytorch", "mlflow-skinny"} <= set(
+        roots
+    )
+    assert not {"mlflow", "optuna-dashboard", "psycopg2-binary", "pytest"} & set(roots)
+
+
+def test_image_package_list_is_read_by_canonical_name(tmp_path: Path) -> None:
+    listing = tmp_path / "image.txt"
+    listing.write_text("# the image\nTyping_Extensions\n\ntorch  # bundled\n")
+    assert gpu_prepare.image_packages(listing) == {"typing-extensions", "torch"}
+    shipped = gpu_prepare.image_packages()
+    assert "torch" in shipped and "hydra-core" not in shipped
+
+
+def noise_images(root: Path, n: int = 4) -> list[Path]:
+    """``n`` 40 x 40 noise PNGs in one class folder (noise: quality changes their size)."""
+    rng = np.random.default_rng(0)
+    folder = root / "train" / "c0"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return gpu_prepare.images(root)
+
+
+def test_quality_is_the_highest_that_fits(tmp_path: Path) -> None:
+    paths = noise_images(tmp_path / "data")
+
+    def total(q: int) -> int:
+        return sum(len(gpu_prepare.encode(p, 32, q)) for p in paths)
+
+    assert total(90) > total(50) > total(10)
+    budget = int(total(50) / 0.98) + 1
+    assert gpu_prepare.estimate_quality(paths, 32, budget, [90, 50, 10]) == 50
+    assert gpu_prepare.estimate_quality(paths, 32, 10 * total(90), [50, 90, 10]) == 90
+    with pytest.raises(SystemExit, match="quality 10 does not fit"):
+        gpu_prepare.estimate_quality(paths, 32, total(10) // 2, [90, 50, 10])
+
+
+def test_pack_keeps_files_and_order_as_webp(tmp_path: Path, image_folder: Path) -> None:
+    out = tmp_path / "d.tar.gz"
+    paths = gpu_prepare.images(image_folder)
+    size = gpu_prepare.pack(image_folder, paths, out, side=16, quality=80)
+    assert size == out.stat().st_size
+    with tarfile.open(out) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    unpacked = tmp_path / "x" / image_folder.name
+    again = gpu_prepare.images(unpacked)
+    assert [p.relative_to(unpacked).with_suffix("") for p in again] == [
+        p.relative_to(image_folder).with_suffix("") for p in paths
+    ]
+    with Image.open(again[0]) as im:
+        assert (im.format, im.size) == ("WEBP", (16, 16))
+
+
+def test_pack_refuses_two_files_that_would_share_a_name(tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "train" / "c0"
+    folder.mkdir(parents=True)
+    for suffix in ("png", "jpg"):
+        Image.new("RGB", (8, 8)).save(folder / f"a.{suffix}")
+    root = tmp_path / "data"
+    with pytest.raises(SystemExit, match="different suffixes"):
+        gpu_prepare.pack(root, gpu_prepare.images(root), tmp_path / "o.tar.gz", 8, 80)
+
+
+# --- the scripts' time limit ------------------------------------------------------------------
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG"
+case "$*" in
+  -c*) exit 0 ;;
+  *gpu_throughput.py*) echo "teacher resnet101 CE, compile=false  1 img/s"; sleep 30 ;;
+  *"protocol.py run"*) sleep "${FAKE_RUN_S:-0}" ;;
+esac
+"""
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the scripts (no carried wheels, no .venv) and an environment whose Python and
+    nvidia-smi only log their arguments."""
+    repo = tmp_path / "repo"
+    (repo / "experiments" / "figures").mkdir(parents=True)
+    for name in ("gpu_check.sh", "gpu_protocol.sh", "README.md"):
+        shutil.copy(ROOT / "experiments" / name, repo / "experiments" / name)
+    figure = "figures/gpu128_val_curves.png"
+    shutil.copy(ROOT / "experiments" / figure, repo / "experiments" / figure)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("python", FAKE_PYTHON), ("nvidia-smi", "#!/bin/sh\necho 'name\nFake'\n")):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PY": str(bin_dir / "python"),
+           "FAKE_LOG": str(tmp_path / "calls.log"), "OUT": str(tmp_path / "out")}  # fmt: skip
+    return repo, env
+
+
+def calls(env: dict[str, str]) -> list[str]:
+    return Path(env["FAKE_LOG"]).read_text().splitlines()
+
+
+def test_protocol_passes_go_by_priority_without_a_limit(scripts) -> None:
+    repo, env = scripts
+    subprocess.run(["bash", "experiments/gpu_protocol.sh", "/data"], cwd=repo, env=env, check=True)
+    runs = [c for c in calls(env) if "protocol.py run" in c]
+    assert [r.split(" --rows ")[1] for r in runs] == [
+        "teacher,ce,kd,lsd,conkd_lion --seeds 0",
+        "ce,kd,lsd,conkd_lion",
+        "sweep,sweep_best",
+    ]
+    assert "--seeds 0,1" in runs[1] and "--data /data" in runs[0]
+    assert "protocol.py table" in calls(env)[-1]
+
+
+def test_protocol_stops_at_its_limit_and_still_writes_the_table(scripts) -> None:
+    repo, env = scripts
+    env = {**env, "RUN_S": "2", "FAKE_RUN_S": "30"}
+    done = subprocess.run(["bash", "experiments/gpu_protocol.sh", "/data"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert "--seeds 0 stopped (exit 124)" in done.stdout
+    assert "no time left for: --rows ce,kd,lsd,conkd_lion" in done.stdout
+    assert "no time left for: --rows sweep,sweep_best" in done.stdout
+    assert sum("protocol.py run" in c for c in calls(env)) == 1
+    assert "protocol.py table" in calls(env)[-1]
+
+
+def test_gpu_check_cuts_the_benchmark_and_brings_back_the_section(scripts) -> None:
+    repo, env = scripts
+    env = {**env, "BENCH_S": "1"}
+    done = subprocess.run(["bash", "experiments/gpu_check.sh", "/data"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert "benchmark stopped at 1 s" in done.stdout
+    out = Path(env["OUT"])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu.txt", "gpu128_section.md", "gpu128_val_curves.png", "gpu_protocol.log",
+        "gpu_throughput.log"]  # fmt: skip
+    assert "compile=false" in (out / "gpu_throughput.log").read_text()
+    section = (out / "gpu128_section.md").read_text()
+    assert section.startswith("<!-- protocol:gpu128:start -->")
+    assert section.rstrip().endswith("<!-- protocol:gpu128:end -->")
+    first = calls(env)[0]
+    assert first.startswith("-c import conkd.run, mlflow, optuna")
+    assert sum("protocol.py run" in c for c in calls(env)) == 3
