@@ -110,7 +110,8 @@ def lion_kernels(common: list[str], work: Path, steps: int) -> None:
         try:
             report(f"student resnet18 CE, Lion {name}", throughput(overrides, steps)[0])
         except Exception as err:  # triton needs its package and a GPU
-            print(f"Lion {name}: not measured ({type(err).__name__}: {err})", flush=True)
+            why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            print(f"Lion {name}: not measured ({why})", flush=True)
 
 
 def cached_student(common: list[str], work: Path, steps: int, batch_size: int) -> float:

@@ -8,6 +8,8 @@
 # (the wheels the machine's image lacks in .whl/, the data as 147 px WebP in .gpu/, 61 of the
 # transfer's 64 MiB together), then
 #   run: bash experiments/gpu_check.sh        carry: .gpu, .whl
+# Not in this call (it would not fit the 10 minutes): benchmarks/gpu_workers.py, trials per hour
+# with 1, 2 and 4 sweep workers on the one GPU, several minutes on its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu}

@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,6 +363,7 @@ def run_rows(s: Settings, rows: Sequence[Row], dry_run: bool = False) -> int:
             log = s.dir / row.name / f"seed{seed}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"[protocol] {label}: running (log {log})", flush=True)
+            start = time.monotonic()
             with log.open("a") as f:
                 f.write(f"\n$ {line}\n")
                 f.flush()
@@ -371,6 +373,8 @@ def run_rows(s: Settings, rows: Sequence[Row], dry_run: bool = False) -> int:
             if rc != 0:
                 print(f"[protocol] {label}: failed (exit {rc}); see {log}", file=sys.stderr)
                 return -1
+            minutes = (time.monotonic() - start) / 60
+            print(f"[protocol] {label}: done in {minutes:.1f} min", flush=True)
             ran += 1
     return ran
 

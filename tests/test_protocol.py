@@ -161,6 +161,7 @@ def test_whole_protocol_at_toy_scale_then_nothing_twice(image_folder: Path, tmp_
     assert first.returncode == 0, first.stdout + first.stderr
     # teacher, 6 rows, the ResNet-18 teacher and one of its students, sweep, best
     assert first.stdout.count(": running (log ") == 11
+    assert first.stdout.count(": done in ") == 11
     second = run_cli(*args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert ": running" not in second.stdout
