@@ -1,6 +1,7 @@
-"""GPU check (one H100-class GPU, under 8 minutes; measured on an H200): training throughput of
-teacher and student, the teacher cache's build rate, and a student step with the input pipeline
-included.
+"""GPU check (one H100-class GPU): training throughput of teacher and student, the teacher
+cache's build rate, and a student step with the input pipeline included. Each figure is printed
+when it is measured, the compile modes (minutes of compilation each) last, so a run stopped at a
+time limit keeps the rest (``experiments/gpu_check.sh`` runs it with ``--compile false``).
 
 Everything goes through the project's own path (composed configs, ``conkd.run.setup``,
 ``conkd.engine.train_one_epoch``) at 128 px with bf16 autocast and channels_last, with and

@@ -60,11 +60,13 @@ def device_roots(project: str = "conkd") -> list[str]:
     return [SMALLER.get(n, n) for n in names if n not in SERVER_ONLY]
 
 
-def closure(roots: Iterable[str], python_version: str,
+def closure(roots: Iterable[str], python_version: str, present: frozenset[str] = frozenset(),
             requires: Mapping[str, list[str]] | None = None,
             versions: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
     """Every distribution ``roots`` need on ``python_version`` (their requirements' markers
-    evaluated for it, extras left out), name -> the version installed here.
+    evaluated for it, extras left out) that is not ``present`` already, name -> the version
+    installed here. What ``present`` packages need is theirs: torch's CUDA libraries, say, are
+    the image's business, and need not even be installed here.
 
     ``requires`` / ``versions`` stand in for this environment's metadata (tests)."""
     env = {**default_environment(), "python_version": python_version,
@@ -73,7 +75,7 @@ def closure(roots: Iterable[str], python_version: str,
     todo = [canonicalize_name(r) for r in roots]
     while todo:
         name = todo.pop()
-        if name in found:
+        if name in found or name in present:
             continue
         if requires is None:
             try:
@@ -89,10 +91,10 @@ def closure(roots: Iterable[str], python_version: str,
     return found
 
 
-def image_packages(path: Path = HERE / "gpu_image.txt") -> set[str]:
+def image_packages(path: Path = HERE / "gpu_image.txt") -> frozenset[str]:
     """The distribution names in ``path`` (one per line, ``#`` comments)."""
     lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
-    return {canonicalize_name(line) for line in lines if line}
+    return frozenset(canonicalize_name(line) for line in lines if line)
 
 
 def download_wheels(pins: Mapping[str, str], dest: Path, python_version: str) -> int:
@@ -176,8 +178,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / ".gpu" / "imagenette.tar.gz")
     args = ap.parse_args()
 
-    pins = {n: v for n, v in closure(device_roots(), args.python_version).items()
-            if n not in image_packages() and n != "conkd"}  # fmt: skip
+    pins = closure(device_roots(), args.python_version, image_packages())
     wheels = download_wheels(pins, args.wheels, args.python_version)
     tree = tree_bytes()
     budget = TRANSFER_LIMIT - tree - wheels - 2**20  # 1 MiB for what is written meanwhile

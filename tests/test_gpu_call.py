@@ -26,7 +26,7 @@ sys.modules["gpu_prepare"] = gpu_prepare
 spec.loader.exec_module(gpu_prepare)
 
 
-def test_closure_follows_markers_for_the_device_python_and_leaves_extras_out() -> None:
+def test_closure_follows_markers_for_the_device_python_and_stops_at_the_image() -> None:
     requires = {
         "a": [
             "B>=1",
@@ -34,14 +34,21 @@ def test_closure_follows_markers_for_the_device_python_and_leaves_extras_out() -
             "d; extra == 'ui'",
             "e; sys_platform == 'win32'",
         ],
-        "b": ["a"],  # a cycle ends where it began
+        "b": ["a", "f"],  # a cycle ends where it began
         "c": [],
         "d": [],
         "e": [],
+        "f": [],
     }
-    versions = {"a": "1", "b": "2", "c": "3", "d": "4", "e": "5"}
-    assert gpu_prepare.closure(["A"], "3.12", requires, versions) == {"a": "1", "b": "2"}
-    assert gpu_prepare.closure(["a"], "3.10", requires, versions) == {"a": "1", "b": "2", "c": "3"}
+    versions = {"a": "1", "b": "2", "c": "3", "d": "4", "e": "5", "f": "6"}
+
+    def closure(python: str, present: frozenset[str] = frozenset()) -> dict[str, str]:
+        return gpu_prepare.closure(["A"], python, present, requires=requires, versions=versions)
+
+    assert closure("3.12") == {"a": "1", "b": "2", "f": "6"}
+    assert closure("3.10") == {"a": "1", "b": "2", "c": "3", "f": "6"}
+    # what the image holds is neither carried nor followed (f is b's need, and b is there)
+    assert closure("3.12", frozenset({"b"})) == {"a": "1"}
 
 
 def test_device_roots_leave_servers_out_and_take_mlflow_without_its_ui() -> None:
@@ -110,14 +117,20 @@ def test_pack_refuses_two_files_that_would_share_a_name(tmp_path: Path) -> None:
         gpu_prepare.pack(root, gpu_prepare.images(root), tmp_path / "o.tar.gz", 8, 80)
 
 
-# --- the scripts' time limit ------------------------------------------------------------------
+# --- the scripts' time limit and what comes back ---------------------------------------------
 
-FAKE_PYTHON = """#!/usr/bin/env bash
-echo "$*" >> "$FAKE_LOG"
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "${*//$'\n'/ }" >> "$FAKE_LOG"
 case "$*" in
-  -c*) exit 0 ;;
+  -c*) for last; do :; done
+       [[ $last == sqlite:///* ]] && touch "${last#sqlite:///}"
+       exit 0 ;;
   *gpu_throughput.py*) echo "teacher resnet101 CE, compile=false  1 img/s"; sleep 30 ;;
-  *"protocol.py run"*) sleep "${FAKE_RUN_S:-0}" ;;
+  *"protocol.py run"*) mkdir -p outputs/protocol/gpu128/ce
+                       echo "a run's log" > outputs/protocol/gpu128/ce/seed0.log
+                       sleep "${FAKE_RUN_S:-0}" ;;
+  *"protocol.py table"*) sed -i 's/<!-- protocol:gpu128:start -->/&\nfresh table/' \
+                           experiments/README.md ;;
 esac
 """
 
@@ -125,7 +138,7 @@ esac
 @pytest.fixture
 def scripts(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A copy of the scripts (no carried wheels, no .venv) and an environment whose Python and
-    nvidia-smi only log their arguments."""
+    nvidia-smi only log their arguments and fake their files."""
     repo = tmp_path / "repo"
     (repo / "experiments" / "figures").mkdir(parents=True)
     for name in ("gpu_check.sh", "gpu_protocol.sh", "README.md"):
@@ -134,57 +147,91 @@ def scripts(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     shutil.copy(ROOT / "experiments" / figure, repo / "experiments" / figure)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in (("python", FAKE_PYTHON), ("nvidia-smi", "#!/bin/sh\necho 'name\nFake'\n")):
+    smi = "#!/bin/sh\n[ -z \"$FAKE_NO_GPU\" ] || exit 9\necho 'name\nFake'\n"
+    for name, body in (("python", FAKE_PYTHON), ("nvidia-smi", smi)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PY": str(bin_dir / "python"),
-           "FAKE_LOG": str(tmp_path / "calls.log"), "OUT": str(tmp_path / "out")}  # fmt: skip
+           "FAKE_LOG": str(tmp_path / "calls.log"), "OUT": str(tmp_path / "out"),
+           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
     return repo, env
 
 
 def calls(env: dict[str, str]) -> list[str]:
+    """The fake Python's command lines, in order."""
     return Path(env["FAKE_LOG"]).read_text().splitlines()
+
+
+def run_script(repo: Path, env: dict[str, str], *args: str, check: bool = True):
+    return subprocess.run(["bash", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120, check=check)  # fmt: skip
 
 
 def test_protocol_passes_go_by_priority_without_a_limit(scripts) -> None:
     repo, env = scripts
-    subprocess.run(["bash", "experiments/gpu_protocol.sh", "/data"], cwd=repo, env=env, check=True)
+    run_script(repo, env, "experiments/gpu_protocol.sh", "/data", "--set", "a.b=1")
     runs = [c for c in calls(env) if "protocol.py run" in c]
-    assert [r.split(" --rows ")[1] for r in runs] == [
-        "teacher,ce,kd,lsd,conkd_lion --seeds 0",
-        "ce,kd,lsd,conkd_lion",
-        "sweep,sweep_best",
+    assert [r.split(" --set a.b=1 ")[1] for r in runs] == [
+        "--rows teacher,ce,kd,lsd,conkd_lion --seeds 0",
+        "--rows ce,kd,lsd,conkd_lion",
+        "--rows sweep,sweep_best",
     ]
-    assert "--seeds 0,1" in runs[1] and "--data /data" in runs[0]
-    assert "protocol.py table" in calls(env)[-1]
+    assert "--data /data" in runs[0] and "--seeds 0,1" in runs[1]
+    assert calls(env)[-1].endswith(
+        "protocol.py table " + runs[1].split(" run ")[1].split(" --rows")[0]
+    )
+
+
+def test_a_later_seeds_option_wins() -> None:
+    from tests.test_protocol import protocol
+
+    assert protocol.parse(["run", "--seeds", "0,1", "--seeds", "0"]).seeds == "0"
 
 
 def test_protocol_stops_at_its_limit_and_still_writes_the_table(scripts) -> None:
     repo, env = scripts
     env = {**env, "RUN_S": "2", "FAKE_RUN_S": "30"}
-    done = subprocess.run(["bash", "experiments/gpu_protocol.sh", "/data"], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
-    assert "--seeds 0 stopped (exit 124)" in done.stdout
-    assert "no time left for: --rows ce,kd,lsd,conkd_lion" in done.stdout
-    assert "no time left for: --rows sweep,sweep_best" in done.stdout
+    out = run_script(repo, env, "experiments/gpu_protocol.sh", "/data").stdout
+    assert "--seeds 0: stopped at the time limit" in out
+    assert "no time left for: --rows ce,kd,lsd,conkd_lion" in out
+    assert "no time left for: --rows sweep,sweep_best" in out
     assert sum("protocol.py run" in c for c in calls(env)) == 1
     assert "protocol.py table" in calls(env)[-1]
 
 
-def test_gpu_check_cuts_the_benchmark_and_brings_back_the_section(scripts) -> None:
+def test_gpu_check_unpacks_cuts_the_benchmark_and_brings_back_its_files(
+    scripts, tmp_path: Path, image_folder: Path
+) -> None:
     repo, env = scripts
-    env = {**env, "BENCH_S": "1"}
-    done = subprocess.run(["bash", "experiments/gpu_check.sh", "/data"], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
-    assert "benchmark stopped at 1 s" in done.stdout
-    out = Path(env["OUT"])
-    assert sorted(p.name for p in out.iterdir()) == [
-        "gpu.txt", "gpu128_section.md", "gpu128_val_curves.png", "gpu_protocol.log",
-        "gpu_throughput.log"]  # fmt: skip
-    assert "compile=false" in (out / "gpu_throughput.log").read_text()
-    section = (out / "gpu128_section.md").read_text()
-    assert section.startswith("<!-- protocol:gpu128:start -->")
-    assert section.rstrip().endswith("<!-- protocol:gpu128:end -->")
-    first = calls(env)[0]
-    assert first.startswith("-c import conkd.run, mlflow, optuna")
+    paths = gpu_prepare.images(image_folder)
+    gpu_prepare.pack(image_folder, paths, repo / ".gpu" / "d.tar.gz", side=8, quality=50)
+    out = run_script(repo, {**env, "BENCH_S": "2"}, "experiments/gpu_check.sh").stdout
+    assert "benchmark stopped at 2 s" in out
+    store = tmp_path / "tmp" / "conkd-gpu" / "mlflow.db"
+    first, bench = calls(env)[:2]
+    assert "prepare_store" in first and first.endswith(f"sqlite:///{store}")
+    assert f"--data {tmp_path}/tmp/conkd-gpu/data/{image_folder.name} " in bench
+    assert " --compile false " in bench
     assert sum("protocol.py run" in c for c in calls(env)) == 3
+    back = Path(env["OUT"])
+    assert sorted(p.name for p in back.iterdir()) == [
+        "gpu.txt", "gpu128_section.md", "gpu128_val_curves.png", "gpu_protocol.log",
+        "gpu_throughput.log", "mlflow.db", "protocol_files.tar.gz"]  # fmt: skip
+    assert "compile=false" in (back / "gpu_throughput.log").read_text()
+    section = (back / "gpu128_section.md").read_text().splitlines()
+    assert section[:2] == ["<!-- protocol:gpu128:start -->", "fresh table"]
+    assert section[-1] == "<!-- protocol:gpu128:end -->"
+    with tarfile.open(back / "protocol_files.tar.gz") as tar:
+        assert "outputs/protocol/gpu128/ce/seed0.log" in tar.getnames()
+
+
+def test_gpu_check_brings_back_what_it_has_when_a_step_fails(scripts) -> None:
+    repo, env = scripts
+    done = run_script(repo, {**env, "FAKE_NO_GPU": "1"}, "experiments/gpu_check.sh", "/data",
+                      check=False)  # fmt: skip
+    assert done.returncode == 9
+    back = Path(env["OUT"])
+    assert {"mlflow.db", "gpu128_section.md", "protocol_files.tar.gz"} <= {
+        p.name for p in back.iterdir()
+    }
+    assert not any("protocol.py" in c for c in calls(env))
