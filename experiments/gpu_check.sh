@@ -10,10 +10,13 @@
 # (the wheels the machine's image lacks in .whl/, the data as 147 px WebP in .gpu/, 61 of the
 # transfer's 64 MiB together), then, with the call's timeout_s at 600:
 #   run: BUDGET_S=570 bash experiments/gpu_check.sh        carry: .gpu, .whl
-# Not in this call (they would not fit its 10 minutes): the compile modes
-# (gpu_throughput.py --compile false,default,reduce-overhead: minutes of compilation each) and
-# benchmarks/gpu_workers.py (trials per hour with 1, 2 and 4 sweep workers on the one GPU).
+# PART=scaling instead (a second call: they do not fit beside the protocol) times the compile
+# modes (minutes of compilation each) beside the plain step, then benchmarks/gpu_workers.py:
+# trials per hour with 1, 2 and 4 sweep workers on the one GPU.
 set -euo pipefail
+PART=${PART:-protocol}
+[[ $PART == protocol || $PART == scaling ]] ||
+  { echo "PART must be protocol or scaling, not ${PART}" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu}
 WORK=${TMPDIR:-/tmp}/conkd-gpu
@@ -55,17 +58,31 @@ if [ -z "$DATA" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 # The device tool stops a command at its timeout_s (at most 600 s), so BUDGET_S (that less 30 s)
-# is shared out such that whatever was measured comes back: the benchmark gets BENCH_S (it
-# prints each figure when measured), the protocol's rows what is left but a minute for the table.
+# is shared out such that whatever was measured comes back. Each timed step prints its figures
+# as it measures them, and `timed` says whether a step stopped at its limit or failed.
 BUDGET_S=${BUDGET_S:-570}
-BENCH_S=${BENCH_S:-120}
-timeout -k 10 "$BENCH_S" "$PY" benchmarks/gpu_throughput.py --data "$DATA" --image-size 128 \
-  --steps 30 --compile false --workdir "$WORK/bench" 2>&1 | tee "$OUT/gpu_throughput.log" ||
-  { rc=$?; [[ $rc == 124 || $rc == 137 ]] && echo "[gpu_check] benchmark stopped at ${BENCH_S} s" ||
-    echo "[gpu_check] benchmark failed (exit $rc)"; }
-RUN_S=$((BUDGET_S - SECONDS - 60))
-[ "$RUN_S" -gt 0 ] || RUN_S=1
-# Nothing logged as an artifact comes back from this machine: skip the model exports.
-RUN_S=$RUN_S TRACKING_URI="sqlite:///$STORE" PY="$PY" bash experiments/gpu_protocol.sh "$DATA" \
-  --set mlflow.log_model=false --set mlflow.log_checkpoint=false 2>&1 |
-  tee "$OUT/gpu_protocol.log"
+timed() {  # timed SECONDS LOG COMMAND...
+  local limit=$1 log=$2 rc=0
+  shift 2
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$log" || rc=$?
+  if [[ $rc == 124 || $rc == 137 ]]; then
+    echo "[gpu_check] $log: stopped at its ${limit} s"
+  elif [[ $rc != 0 ]]; then
+    echo "[gpu_check] $log: failed (exit $rc)"
+  fi
+}
+left() { local s=$((BUDGET_S - SECONDS - $1)); echo $((s > 0 ? s : 1)); }
+case $PART in
+  protocol)  # the benchmark without compilation, then the protocol (its table gets a minute)
+    timed "${BENCH_S:-120}" gpu_throughput.log "$PY" benchmarks/gpu_throughput.py --data "$DATA" \
+      --image-size 128 --steps 30 --compile false --workdir "$WORK/bench"
+    # Nothing logged as an artifact comes back from this machine: skip the model exports.
+    RUN_S=$(left 60) TRACKING_URI="sqlite:///$STORE" PY="$PY" bash experiments/gpu_protocol.sh \
+      "$DATA" --set mlflow.log_model=false --set mlflow.log_checkpoint=false 2>&1 |
+      tee "$OUT/gpu_protocol.log" ;;
+  scaling)  # the compile modes beside the plain step, then 1, 2 and 4 sweep workers on the GPU
+    timed "${BENCH_S:-300}" gpu_throughput.log "$PY" benchmarks/gpu_throughput.py --data "$DATA" \
+      --image-size 128 --steps 30 --compile false,default,reduce-overhead --workdir "$WORK/bench"
+    timed "$(left 0)" gpu_workers.log "$PY" benchmarks/gpu_workers.py --data "$DATA" \
+      --workers 1,2,4 --per-worker 3 --epochs 3 --workdir "$WORK/workers" ;;
+esac

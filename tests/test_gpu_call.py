@@ -126,6 +126,7 @@ case "$*" in
        [[ $last == sqlite:///* ]] && touch "${last#sqlite:///}"
        exit 0 ;;
   *gpu_throughput.py*) echo "teacher resnet101 CE, compile=false  1 img/s"; sleep 30 ;;
+  *gpu_workers.py*) echo "1 worker(s): 4 trials" ;;
   *"protocol.py run"*) mkdir -p outputs/protocol/gpu128/ce
                        echo "a run's log" > outputs/protocol/gpu128/ce/seed0.log
                        sleep "${FAKE_RUN_S:-0}" ;;
@@ -206,7 +207,7 @@ def test_gpu_check_unpacks_cuts_the_benchmark_and_brings_back_its_files(
     paths = gpu_prepare.images(image_folder)
     gpu_prepare.pack(image_folder, paths, repo / ".gpu" / "d.tar.gz", side=8, quality=50)
     out = run_script(repo, {**env, "BENCH_S": "2"}, "experiments/gpu_check.sh").stdout
-    assert "benchmark stopped at 2 s" in out
+    assert "gpu_throughput.log: stopped at its 2 s" in out
     store = tmp_path / "tmp" / "conkd-gpu" / "mlflow.db"
     first, bench = calls(env)[:2]
     assert "prepare_store" in first and first.endswith(f"sqlite:///{store}")
@@ -235,3 +236,23 @@ def test_gpu_check_brings_back_what_it_has_when_a_step_fails(scripts) -> None:
         p.name for p in back.iterdir()
     }
     assert not any("protocol.py" in c for c in calls(env))
+
+
+def test_gpu_check_scaling_part_times_compile_modes_and_workers(scripts) -> None:
+    repo, env = scripts
+    out = run_script(repo, {**env, "PART": "scaling", "BENCH_S": "2"},
+                     "experiments/gpu_check.sh", "/data").stdout  # fmt: skip
+    assert "gpu_throughput.log: stopped at its 2 s" in out
+    bench, workers = calls(env)[1:]
+    assert " --compile false,default,reduce-overhead " in bench
+    assert "gpu_workers.py --data /data --workers 1,2,4" in workers
+    assert (Path(env["OUT"]) / "gpu_workers.log").read_text() == "1 worker(s): 4 trials\n"
+
+
+def test_gpu_check_names_an_unknown_part(scripts) -> None:
+    repo, env = scripts
+    done = run_script(repo, {**env, "PART": "all"}, "experiments/gpu_check.sh", "/data",
+                      check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "PART must be protocol or scaling, not all" in done.stderr
+    assert not Path(env["FAKE_LOG"]).exists()  # refused before anything ran
