@@ -141,6 +141,7 @@ def main() -> int:
     args = parser(
         __doc__, data=DATA, image_size=128, batch_size=128, steps=30, device="auto",
         compile=("false,default,reduce-overhead", "false or torch.compile modes to time"),
+        only_ce=(False, "only the CE rows per compile mode: no cache, no Lion kernels"),
         workdir=str(Path(tempfile.gettempdir()) / "conkd-gpu-bench"),
     ).parse_args()  # fmt: skip
     if missing_dataset(args.data):
@@ -173,11 +174,12 @@ def main() -> int:
         for m in plain
         for who, arch in (("teacher", "resnet101"), ("student", "resnet18"))
     }
-    ips = cached_student(common, work, args.steps, args.batch_size)
-    if ce:
-        print(f"cached-teacher student / CE student (compile=false): "
-              f"{ips / ce['resnet18']:.3f}x", flush=True)  # fmt: skip
-    lion_kernels(common, work, args.steps)
+    if not args.only_ce:
+        ips = cached_student(common, work, args.steps, args.batch_size)
+        if ce:
+            print(f"cached-teacher student / CE student (compile=false): "
+                  f"{ips / ce['resnet18']:.3f}x", flush=True)  # fmt: skip
+        lion_kernels(common, work, args.steps)
     for mode in (m for m in modes if m != "false"):
         for who, arch in (("teacher", "resnet101"), ("student", "resnet18")):
             ce_throughput(common, mode, who, arch, work, args.steps, args.image_size)

@@ -64,16 +64,20 @@ def worker_cmd(args, work: Path, n: int) -> list[str]:
     )  # fmt: skip
 
 
-def run_workers(cmd: list[str], n: int) -> float:
-    """Start ``n`` copies of ``cmd`` at once; the wall time until the last one ends."""
+def run_workers(cmd: list[str], n: int, logs: Path) -> float:
+    """Start ``n`` copies of ``cmd`` at once; the wall time until the last one ends. Each
+    worker's output goes to a file in ``logs`` (a pipe read one worker at a time would stall
+    the others once its buffer filled)."""
     env = train_env(CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    paths = [logs / f"worker{i}.log" for i in range(n)]
     start = time.perf_counter()
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for _ in range(n)]  # fmt: skip
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode:
-            raise RuntimeError(err.decode()[-3000:])
+    procs = []
+    for path in paths:
+        with path.open("w") as log:  # the child holds its own descriptor
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log))
+    for p, path in zip(procs, paths):
+        if p.wait():
+            raise RuntimeError(f"{path}:\n{path.read_text()[-3000:]}")
     return time.perf_counter() - start
 
 
@@ -88,7 +92,7 @@ def main() -> int:
     work = Path(args.workdir)
     rates: dict[int, float] = {}
     for n in (int(w) for w in args.workers.split(",")):
-        wall = run_workers(worker_cmd(args, work, n), n)
+        wall = run_workers(worker_cmd(args, work, n), n, work / f"w{n}")
         stats = study_stats(f"w{n}", _journal(work / f"w{n}" / "optuna.journal"))
         rates[n] = stats["trials"] / wall * 3600
         print(f"{n} worker(s): {stats['trials']} trials ({stats['pruned']} pruned, "

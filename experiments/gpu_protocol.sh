@@ -11,6 +11,7 @@
 #   bash experiments/gpu_protocol.sh [DATA [protocol.py options]]   # DATA: class folders
 #   TRACKING_URI=sqlite:////abs/mlflow.db ...    # another MLflow store
 #   RUN_S=300 ...                                # stop the rows after 300 s, then the table
+#   KEEP=/some/dir ...                           # copy what this call wrote there (on exit too)
 set -euo pipefail
 # RUN_S: seconds the rows may take in all (unset or 0: no limit), counted from here. The table
 # is written from the runs that finished, however far they got, so the passes go by priority:
@@ -18,12 +19,30 @@ set -euo pipefail
 RUN_S=${RUN_S:-0}
 deadline=$((RUN_S > 0 ? SECONDS + RUN_S : 0))
 cd "$(dirname "$0")/.."
+NAME=gpu128
 PY=${PY:-.venv/bin/python}
 DATA=${1:-../shared/data/imagenette}
-ARGS=(--name gpu128 --data "$DATA" --image-size 128 --teacher-epochs 30 --student-epochs 16
+ARGS=(--name "$NAME" --data "$DATA" --image-size 128 --teacher-epochs 30 --student-epochs 16
       --seeds 0,1 --trials 16 --set trainer.device=cuda --set dataset.batch_size=256
       --set dataset.eval_batch_size=512 --set dataset.num_workers=8 "${@:2}")
 [ -n "${TRACKING_URI:-}" ] && ARGS+=(--tracking-uri "$TRACKING_URI")
+started=$(mktemp)
+# KEEP gets only what this call wrote (a section or figure from an earlier run would pass for a
+# new one): the section, and one tar of the run logs, the Optuna study and the figures.
+keep() {
+  set +e
+  [ -n "${KEEP:-}" ] || return 0
+  if [ experiments/README.md -nt "$started" ]; then
+    awk "/<!-- protocol:$NAME:start -->/,/<!-- protocol:$NAME:end -->/" experiments/README.md \
+      >"$KEEP/${NAME}_section.md"
+  fi
+  local files
+  files=$(find "outputs/protocol/$NAME" experiments/figures -newer "$started" \
+    \( -name '*.log' -o -name optuna.db -o -name "${NAME}_*.png" \) 2>/dev/null)
+  [ -z "$files" ] || printf '%s\n' "$files" | tar -czf "$KEEP/${NAME}_files.tar.gz" -T -
+  rm -f "$started"
+}
+trap keep EXIT
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here')"
 rows() {
   local left=0 rc=0

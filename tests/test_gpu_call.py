@@ -126,7 +126,7 @@ case "$*" in
        [[ $last == sqlite:///* ]] && touch "${last#sqlite:///}"
        exit 0 ;;
   *gpu_throughput.py*) echo "teacher resnet101 CE, compile=false  1 img/s"; sleep 30 ;;
-  *gpu_workers.py*) echo "1 worker(s): 4 trials" ;;
+  *gpu_workers.py*) echo "1 worker(s): 4 trials"; sleep "${FAKE_WORKERS_S:-0}" ;;
   *"protocol.py run"*) mkdir -p outputs/protocol/gpu128/ce
                        echo "a run's log" > outputs/protocol/gpu128/ce/seed0.log
                        sleep "${FAKE_RUN_S:-0}" ;;
@@ -138,16 +138,16 @@ esac
 
 @pytest.fixture
 def scripts(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A copy of the scripts (no carried wheels, no .venv) and an environment whose Python and
+    """A copy of the scripts (no carried wheels, no .venv) with the committed section and figure
+    (old: they must not come back as this call's), and an environment whose Python and
     nvidia-smi only log their arguments and fake their files."""
     repo = tmp_path / "repo"
     (repo / "experiments" / "figures").mkdir(parents=True)
-    for name in ("gpu_check.sh", "gpu_protocol.sh", "README.md"):
-        shutil.copy(ROOT / "experiments" / name, repo / "experiments" / name)
-    figure = "figures/gpu128_val_curves.png"
-    shutil.copy(ROOT / "experiments" / figure, repo / "experiments" / figure)
+    for name in ("gpu_check.sh", "gpu_protocol.sh", "README.md", "figures/gpu128_val_curves.png"):
+        shutil.copy2(ROOT / "experiments" / name, repo / "experiments" / name)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    (tmp_path / "tmp").mkdir()
     smi = "#!/bin/sh\n[ -z \"$FAKE_NO_GPU\" ] || exit 9\necho 'name\nFake'\n"
     for name, body in (("python", FAKE_PYTHON), ("nvidia-smi", smi)):
         (bin_dir / name).write_text(body)
@@ -163,9 +163,16 @@ def calls(env: dict[str, str]) -> list[str]:
     return Path(env["FAKE_LOG"]).read_text().splitlines()
 
 
-def run_script(repo: Path, env: dict[str, str], *args: str, check: bool = True):
+def run_script(
+    repo: Path, env: dict[str, str], *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``bash *args`` in ``repo`` with ``env``, its output captured."""
     return subprocess.run(["bash", *args], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=120, check=check)  # fmt: skip
+
+
+def brought_back(env: dict[str, str]) -> list[str]:
+    return sorted(p.name for p in Path(env["OUT"]).iterdir())
 
 
 def test_protocol_passes_go_by_priority_without_a_limit(scripts) -> None:
@@ -178,9 +185,8 @@ def test_protocol_passes_go_by_priority_without_a_limit(scripts) -> None:
         "--rows sweep,sweep_best",
     ]
     assert "--data /data" in runs[0] and "--seeds 0,1" in runs[1]
-    assert calls(env)[-1].endswith(
-        "protocol.py table " + runs[1].split(" run ")[1].split(" --rows")[0]
-    )
+    shared = runs[1].split(" run ")[1].split(" --rows")[0]
+    assert calls(env)[-1].endswith(f"protocol.py table {shared}")
 
 
 def test_a_later_seeds_option_wins() -> None:
@@ -191,7 +197,7 @@ def test_a_later_seeds_option_wins() -> None:
 
 def test_protocol_stops_at_its_limit_and_still_writes_the_table(scripts) -> None:
     repo, env = scripts
-    env = {**env, "RUN_S": "2", "FAKE_RUN_S": "30"}
+    env = {**env, "RUN_S": "4", "FAKE_RUN_S": "30"}
     out = run_script(repo, env, "experiments/gpu_protocol.sh", "/data").stdout
     assert "--seeds 0: stopped at the time limit" in out
     assert "no time left for: --rows ce,kd,lsd,conkd_lion" in out
@@ -200,7 +206,7 @@ def test_protocol_stops_at_its_limit_and_still_writes_the_table(scripts) -> None
     assert "protocol.py table" in calls(env)[-1]
 
 
-def test_gpu_check_unpacks_cuts_the_benchmark_and_brings_back_its_files(
+def test_gpu_check_unpacks_cuts_the_benchmark_and_brings_back_this_calls_files(
     scripts, tmp_path: Path, image_folder: Path
 ) -> None:
     repo, env = scripts
@@ -212,41 +218,49 @@ def test_gpu_check_unpacks_cuts_the_benchmark_and_brings_back_its_files(
     first, bench = calls(env)[:2]
     assert "prepare_store" in first and first.endswith(f"sqlite:///{store}")
     assert f"--data {tmp_path}/tmp/conkd-gpu/data/{image_folder.name} " in bench
-    assert " --compile false " in bench
+    assert bench.endswith(" --compile false")
     assert sum("protocol.py run" in c for c in calls(env)) == 3
+    assert brought_back(env) == [
+        "gpu.txt", "gpu128_files.tar.gz", "gpu128_section.md", "gpu_protocol.log",
+        "gpu_throughput.log", "mlflow.db"]  # fmt: skip
     back = Path(env["OUT"])
-    assert sorted(p.name for p in back.iterdir()) == [
-        "gpu.txt", "gpu128_section.md", "gpu128_val_curves.png", "gpu_protocol.log",
-        "gpu_throughput.log", "mlflow.db", "protocol_files.tar.gz"]  # fmt: skip
     assert "compile=false" in (back / "gpu_throughput.log").read_text()
     section = (back / "gpu128_section.md").read_text().splitlines()
     assert section[:2] == ["<!-- protocol:gpu128:start -->", "fresh table"]
     assert section[-1] == "<!-- protocol:gpu128:end -->"
-    with tarfile.open(back / "protocol_files.tar.gz") as tar:
-        assert "outputs/protocol/gpu128/ce/seed0.log" in tar.getnames()
+    with tarfile.open(back / "gpu128_files.tar.gz") as tar:
+        assert tar.getnames() == ["outputs/protocol/gpu128/ce/seed0.log"]  # not the old figure
 
 
-def test_gpu_check_brings_back_what_it_has_when_a_step_fails(scripts) -> None:
+def test_gpu_check_brings_back_what_it_has_when_a_step_fails(scripts, image_folder: Path) -> None:
     repo, env = scripts
-    done = run_script(repo, {**env, "FAKE_NO_GPU": "1"}, "experiments/gpu_check.sh", "/data",
-                      check=False)  # fmt: skip
+    done = run_script(repo, {**env, "FAKE_NO_GPU": "1"}, "experiments/gpu_check.sh",
+                      str(image_folder), check=False)  # fmt: skip
     assert done.returncode == 9
-    back = Path(env["OUT"])
-    assert {"mlflow.db", "gpu128_section.md", "protocol_files.tar.gz"} <= {
-        p.name for p in back.iterdir()
-    }
+    assert brought_back(env) == ["gpu.txt", "mlflow.db"]  # no section: the table never ran
     assert not any("protocol.py" in c for c in calls(env))
 
 
-def test_gpu_check_scaling_part_times_compile_modes_and_workers(scripts) -> None:
+def test_gpu_check_refuses_data_without_a_train_folder(scripts, tmp_path: Path) -> None:
     repo, env = scripts
-    out = run_script(repo, {**env, "PART": "scaling", "BENCH_S": "2"},
-                     "experiments/gpu_check.sh", "/data").stdout  # fmt: skip
+    done = run_script(repo, env, "experiments/gpu_check.sh", str(tmp_path), check=False)
+    assert done.returncode == 1
+    assert f"no train/ folder in the data: {tmp_path}" in done.stderr
+
+
+def test_gpu_check_scaling_part_times_compile_modes_then_workers_in_what_is_left(
+    scripts, image_folder: Path
+) -> None:
+    repo, env = scripts
+    env = {**env, "PART": "scaling", "BENCH_S": "2", "BUDGET_S": "3", "FAKE_WORKERS_S": "30"}
+    out = run_script(repo, env, "experiments/gpu_check.sh", str(image_folder)).stdout
     assert "gpu_throughput.log: stopped at its 2 s" in out
+    assert "gpu_workers.log: stopped at its 1 s" in out  # the budget's rest, at least 1 s
     bench, workers = calls(env)[1:]
-    assert " --compile false,default,reduce-overhead " in bench
-    assert "gpu_workers.py --data /data --workers 1,2,4" in workers
+    assert bench.endswith(" --only-ce --compile false,default,reduce-overhead")
+    assert f"gpu_workers.py --data {image_folder} --workers 1,2,4" in workers
     assert (Path(env["OUT"]) / "gpu_workers.log").read_text() == "1 worker(s): 4 trials\n"
+    assert "gpu128_section.md" not in brought_back(env)
 
 
 def test_gpu_check_names_an_unknown_part(scripts) -> None:
