@@ -26,8 +26,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu}
 WORK=${TMPDIR:-/tmp}/conkd-gpu
 # A warm machine keeps /tmp: earlier measurements' studies and caches would skew these.
-rm -rf "$WORK/bench" "$WORK/workers"
-mkdir -p "$OUT" "$WORK/data"
+rm -rf "$WORK/bench" "$WORK/workers" "$WORK/data"
+mkdir -p "$OUT" "$WORK"
 # The store stays outside $OUT (its artifacts would not come back); a consistent copy of the
 # database (SQLite's backup, while runs may still write) goes there every minute and at exit.
 STORE=$WORK/mlflow.db
@@ -65,7 +65,7 @@ if [ -z "$DATA" ]; then
   archives=(.gpu/*.tar.gz)
   [ "${#archives[@]}" == 1 ] && [ -f "${archives[0]}" ] ||
     { echo "want one data archive in .gpu/, found: ${archives[*]}" >&2; exit 1; }
-  rm -rf "$WORK/data" && mkdir -p "$WORK/data" && tar -xzf "${archives[0]}" -C "$WORK/data"
+  mkdir -p "$WORK/data" && tar -xzf "${archives[0]}" -C "$WORK/data"
   DATA=$(find "$WORK/data" -mindepth 1 -maxdepth 1 -type d)
 fi
 [ -d "$DATA/train" ] || { echo "no train/ folder in the data: $DATA" >&2; exit 1; }

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -153,8 +154,8 @@ def pack(root: Path, paths: list[Path], out: Path, side: int, quality: int) -> i
     """Write ``out``: a gzipped tar of ``<root name>/<split>/<class>/<stem>.webp`` (gzip only
     squeezes the tar's headers and padding); returns its size in bytes."""
     names = [f"{root.name}/{p.relative_to(root).with_suffix('.webp')}" for p in paths]
-    if len(set(names)) < len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
+    if twice:
         raise SystemExit(f"two images of one name but different suffixes: {twice[:3]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:gz", compresslevel=6) as tar:

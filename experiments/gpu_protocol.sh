@@ -40,9 +40,8 @@ keep() {
   files=$(find "outputs/protocol/$NAME" experiments/figures -newer "$started" \
     \( -name '*.log' -o -name optuna.db -o -name "${NAME}_*.png" \) 2>/dev/null)
   [ -z "$files" ] || printf '%s\n' "$files" | tar -czf "$KEEP/${NAME}_files.tar.gz" -T -
-  rm -f "$started"
 }
-trap keep EXIT
+trap 'keep; rm -f "$started"' EXIT
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here')"
 rows() {
   local left=0 rc=0
