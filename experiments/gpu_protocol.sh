@@ -28,14 +28,11 @@ ARGS=(--name "$NAME" --data "$DATA" --image-size 128 --teacher-epochs 30 --stude
 [ -n "${TRACKING_URI:-}" ] && ARGS+=(--tracking-uri "$TRACKING_URI")
 started=$(mktemp)
 # KEEP gets only what this call wrote (a section or figure from an earlier run would pass for a
-# new one): the section, and one tar of the run logs, the Optuna study and the figures.
+# new one): the section (written there by the table step), and one tar of the run logs, the
+# Optuna study and the figures.
 keep() {
   set +e
   [ -n "${KEEP:-}" ] || return 0
-  if [ experiments/README.md -nt "$started" ]; then
-    awk "/<!-- protocol:$NAME:start -->/,/<!-- protocol:$NAME:end -->/" experiments/README.md \
-      >"$KEEP/${NAME}_section.md"
-  fi
   local files
   files=$(find "outputs/protocol/$NAME" experiments/figures -newer "$started" \
     \( -name '*.log' -o -name optuna.db -o -name "${NAME}_*.png" \) 2>/dev/null)
@@ -60,4 +57,4 @@ rows() {
 rows --rows teacher,ce,kd,lsd,conkd_lion --seeds 0
 rows --rows ce,kd,lsd,conkd_lion
 rows --rows sweep,sweep_best
-"$PY" experiments/protocol.py table "${ARGS[@]}"
+"$PY" experiments/protocol.py table "${ARGS[@]}" ${KEEP:+--section-out "$KEEP/${NAME}_section.md"}

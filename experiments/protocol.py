@@ -551,7 +551,7 @@ def section(s: Settings, results: Sequence[Result], figures: dict[str, Path], re
             f"| {r.row.title} | {fmt_acc(r.test_top1)} | {top5:.2f} | {val:.2f} | {r.epochs} "
             f"| {r.image_size} | {r.train_min:.1f} min | {r.device} | `{r.command}` |"
         )
-    lines += ["", *comparisons(results, s.suite)]
+    lines += ["", *short_of_seeds(s, results), *comparisons(results, s.suite)]
     sweep = sweep_lines(s)
     if sweep:
         lines += ["", "Sweep (`hparams_search=conkd_lion`, pruning on, cache shared by trials):",
@@ -561,8 +561,20 @@ def section(s: Settings, results: Sequence[Result], figures: dict[str, Path], re
     return "\n".join(lines)
 
 
-def write_section(readme: Path, name: str, body: str) -> None:
-    """Replace the text between the protocol's markers in ``readme`` (appended when absent)."""
+def short_of_seeds(s: Settings, results: Sequence[Result]) -> list[str]:
+    """A line naming the rows whose seeds did not all finish (a run cut by a time limit, or one
+    that failed): the header gives the planned seeds, and a one-seed mean looks like any other."""
+    short = [
+        f"{r.row.title} ({', '.join(map(str, r.seeds))} of {', '.join(map(str, planned))})"
+        for r in results
+        if len(r.seeds) < len(planned := r.row.seeds or s.seeds)
+    ]
+    return [f"- seeds that finished, where not all did: {'; '.join(short)}"] if short else []
+
+
+def write_section(readme: Path, name: str, body: str) -> str:
+    """Replace the text between the protocol's markers in ``readme`` (appended when absent);
+    returns the block written, markers included."""
     start, end = f"<!-- protocol:{name}:start -->", f"<!-- protocol:{name}:end -->"
     text = readme.read_text() if readme.is_file() else ""
     block = f"{start}\n{body}\n{end}"
@@ -572,9 +584,13 @@ def write_section(readme: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + f"\n\n## Imagenette ablation ({name})\n\n{block}\n"
     readme.write_text(text)
+    return block
 
 
-def tabulate(s: Settings, readme: Path, figures_dir: Path) -> list[Result]:
+def tabulate(
+    s: Settings, readme: Path, figures_dir: Path, section_out: Path | None = None
+) -> list[Result]:
+    """Write the section into ``readme`` (and, as it stands there, into ``section_out``)."""
     results = collect(client_for(s), s)
     if not results:
         raise SystemExit(f"no finished runs of protocol {s.name} in {s.experiment}")
@@ -588,7 +604,9 @@ def tabulate(s: Settings, readme: Path, figures_dir: Path) -> list[Result]:
             dest = figures_dir / f"{s.name}_{src}"
             shutil.copyfile(s.dir / "sweep" / src, dest)
             figures[title] = dest
-    write_section(readme, s.name, section(s, results, figures, readme.parent))
+    block = write_section(readme, s.name, section(s, results, figures, readme.parent))
+    if section_out is not None:
+        section_out.write_text(block + "\n")
     return results
 
 
@@ -657,6 +675,12 @@ def parse(argv: Iterable[str] | None = None) -> argparse.Namespace:
                     help="an override appended to every command (repeatable)")  # fmt: skip
     ap.add_argument("--readme", default=str(README))
     ap.add_argument("--figures", default=str(FIGURES))
+    ap.add_argument(
+        "--section-out",
+        type=Path,
+        default=None,
+        help="table: also write the section, markers included, to this file",
+    )
     return ap.parse_args(list(argv) if argv is not None else None)
 
 
@@ -664,7 +688,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parse(argv)
     s = settings(args)
     if args.action == "table":
-        results = tabulate(s, Path(args.readme), Path(args.figures))
+        results = tabulate(s, Path(args.readme), Path(args.figures), args.section_out)
         print(f"wrote {len(results)} rows into {args.readme}")
         return 0
     if not (s.data / "train").is_dir():

@@ -130,8 +130,12 @@ case "$*" in
   *"protocol.py run"*) mkdir -p outputs/protocol/gpu128/ce
                        echo "a run's log" > outputs/protocol/gpu128/ce/seed0.log
                        sleep "${FAKE_RUN_S:-0}" ;;
-  *"protocol.py table"*) sed -i 's/<!-- protocol:gpu128:start -->/&\nfresh table/' \
-                           experiments/README.md ;;
+  *"protocol.py table"*) args=("$@")  # the section goes where --section-out names
+                         for i in "${!args[@]}"; do
+                           [[ ${args[i]} == --section-out ]] || continue
+                           printf '%s\n' '<!-- protocol:gpu128:start -->' 'fresh table' \
+                             '<!-- protocol:gpu128:end -->' > "${args[i+1]}"
+                         done ;;
 esac
 """
 

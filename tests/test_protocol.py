@@ -106,8 +106,12 @@ def test_table_from_the_store(store, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text("# Experiments\n\nintro\n")
     protocol.tabulate(s, readme, tmp_path / "figures")
-    protocol.tabulate(s, readme, tmp_path / "figures")  # re-tabulating replaces the section
+    # re-tabulating replaces the section; --section-out copies it, markers included
+    protocol.tabulate(s, readme, tmp_path / "figures", tmp_path / "section.md")
     text = readme.read_text()
+    copy = (tmp_path / "section.md").read_text()
+    assert copy.startswith("<!-- protocol:t:start -->\nProtocol `t`: 64 px, teacher 40 epochs")
+    assert copy.endswith("<!-- protocol:t:end -->\n") and copy in text
     assert text.count("<!-- protocol:t:start -->") == 1 and text.startswith("# Experiments\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
     assert rows[0].startswith("| teacher ResNet-101, the teacher preset (experiment=teacher) "
@@ -120,6 +124,10 @@ def test_table_from_the_store(store, tmp_path: Path) -> None:
         "| ResNet-18, Hinton KD (T 4), AdamW | 75.00 | "
     )  # killed run left out
     assert len(rows) == 3
+    # the header gives the planned seeds; the row whose second seed did not finish is named
+    assert "seeds 0, 1. Every row" in text
+    assert "\n- seeds that finished, where not all did: ResNet-18, Hinton KD (T 4), AdamW " \
+           "(0 of 0, 1)\n" in text  # fmt: skip
     assert "- teacher vs CE student (must be clearly positive): +9.00 points (larger than the " \
            "seed spread, spread 1.41)" in text  # fmt: skip
     assert "- KD vs CE: +4.00 points (larger than the seed spread, spread 1.41)" in text
