@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
-## demo: train a ResNet-101 teacher, distil a ResNet-18 student (digits, CPU, a few minutes)
+## demo: train a ResNet-101 teacher, distil a ResNet-18 student (digits, CPU, about 16 minutes)
 demo: $(STAMP)
 	$(PY) train.py experiment=demo_teacher hydra.run.dir=$(RUN)/teacher
 	$(PY) train.py experiment=demo_student hydra.run.dir=$(RUN)/student \

@@ -1,7 +1,8 @@
 """GPU check (one H100-class GPU): training throughput of teacher and student, the teacher
 cache's build rate, and a student step with the input pipeline included. Each figure is printed
 when it is measured, the compile modes (minutes of compilation each) last, so a run stopped at a
-time limit keeps the rest (``experiments/gpu_check.sh`` runs it with ``--compile false``).
+time limit keeps the rest (``experiments/gpu_check.sh`` runs it with ``--compile false``; with
+``PART=scaling``, ``--only-ce --compile false,default,reduce-overhead``).
 
 Everything goes through the project's own path (composed configs, ``conkd.run.setup``,
 ``conkd.engine.train_one_epoch``) at 128 px with bf16 autocast and channels_last, with and

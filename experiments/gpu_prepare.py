@@ -11,8 +11,8 @@ device tool's 64 MiB transfer (the working tree and the carried folders together
   runs' input: the files (suffix ``.webp``), their order, their split and labels are the same.
 
 Why WebP: at 147 px the 13,394 official-split images take (measured with tar headers) 98 MiB as
-JPEG quality 85, 61 MiB even at JPEG 50, and 48-57 MiB as WebP 50-70, so only WebP leaves room
-for the wheels.
+JPEG quality 85 and 61 MiB even at JPEG 50, but 43-52 MiB as WebP 50-70 (a 400-image sample),
+which gzip packs further: WebP 55 is 39.3 MiB packed. Only WebP leaves room for the wheels.
 
     python experiments/gpu_prepare.py ../shared/data/imagenette
     # then one device call:  bash experiments/gpu_check.sh     (carry: .gpu, .whl)

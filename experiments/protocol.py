@@ -6,9 +6,10 @@ results table and plots written from the MLflow store.
     python experiments/protocol.py status            # which rows and seeds are done
     python experiments/protocol.py table             # experiments/README.md section + figures
 
-Rows, in order: the ResNet-101 teacher (CE), then ResNet-18 students with the same epochs and
-schedule: CE only, Hinton KD, LS-KD, LS-KD + alpha SupCon with AdamW and with Lion (the mission's
-method); a ResNet-18 teacher and the KD, LS-KD and Lion rows again from it (``*_r18t``); a
+Rows, in order: the ResNet-101 teacher (the teacher preset, ``experiment=teacher``), then ResNet-18
+students with the same epochs and schedule: CE only, Hinton KD, LS-KD, LS-KD + alpha SupCon with
+AdamW and with Lion (the mission's method), and the mission's method with consistent cutmix /
+mixup; a ResNet-18 teacher and the KD, LS-KD and Lion rows again from it (``*_r18t``); a
 ``hparams_search=conkd_lion`` sweep and its best setting. Each (row, seed) is one
 ``python train.py`` run in ``<out>/<row>/seed<k>``, tagged ``protocol``/``row`` in MLflow: a
 killed run continues exactly where it stopped (``resume=auto``), a finished one is skipped, and the
