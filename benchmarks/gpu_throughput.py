@@ -12,7 +12,8 @@ without ``torch.compile``:
 2. the teacher cache build (``TeacherCache.build`` through ``setup`` with a fresh cache dir):
    img/s of teacher forward passes stored;
 3. the mission's student (``loss=lsd+supcon optimizer=lion``) reading that cache: img/s with
-   the input pipeline (gather, augmentation on the GPU) included.
+   the input pipeline (gather, augmentation on the GPU) included, and the host synchronisations
+   in one epoch of it, by source line (``torch.cuda.set_sync_debug_mode``).
 
     python benchmarks/gpu_throughput.py --data ../shared/data/imagenette --image-size 128
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _common import (
@@ -130,12 +132,39 @@ def cached_student(common: list[str], work: Path, steps: int, batch_size: int) -
         f"paths.output_dir={work}/s",
         f"trainer.max_steps_per_epoch={steps}",
     ]
-    ips, _, _ = throughput(student, steps)
+    ips, parts, _ = throughput(student, steps)
     (meta,) = cache_metas(cache_dir)
     stored = meta["epochs"] * min(steps * batch_size, meta["n_train"]) + meta["n_val"]
     report("teacher cache build (resnet101 forward + store)", stored / meta["build_seconds"])
     report("student lsd+supcon lion from cache, input pipeline included", ips)
+    host_syncs(parts, steps)
     return ips
+
+
+def host_syncs(parts: object, steps: int) -> None:
+    """The synchronising CUDA calls in one more epoch of ``parts`` (torch's sync debug mode
+    warns at each), counted by the Python line that made them: the loop should make one per
+    ``trainer.sync_every_steps`` and one at the epoch's end, not one per step."""
+    import warnings
+
+    import torch
+
+    if parts.job.device.type != "cuda":
+        print("host synchronisations per epoch: not measured (sync debug mode needs CUDA)")
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            epoch_rate(parts, 1, steps)  # epoch 1 again: the cache holds epochs 0 and 1 only
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
+    where = ", ".join(f"{site} x{n}" for site, n in sites.most_common(6)) or "none"
+    print(f"host synchronisations in {steps} steps of that student, input included: "
+          f"{sum(sites.values())} ({where})", flush=True)  # fmt: skip
 
 
 def main() -> int:

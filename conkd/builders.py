@@ -62,8 +62,17 @@ def limit_gpu_memory(device: torch.device, fraction: float | None) -> None:
         return
     if not 0.0 < fraction <= 1.0:
         raise ConKDError(f"trainer.gpu_memory_fraction must be in (0, 1] or null, got {fraction}")
+    if device.type == "cuda":  # an index or None (the current device): torch refuses "cuda"
+        torch.cuda.set_per_process_memory_fraction(float(fraction), device.index)
+
+
+def tune_convolutions(device: torch.device, benchmark: bool) -> None:
+    """``trainer.cudnn_benchmark``: on CUDA, cuDNN times its convolution algorithms for each new
+    input shape and keeps the fastest. Training batches have one shape (``drop_last``), so that
+    costs a few steps once per run; the chosen kernels may differ between runs, which GPU runs
+    do not promise to repeat bit for bit anyway. Nothing on other devices."""
     if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def model_spec(node: DictConfig, num_classes: int, image_size: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from conkd import distributed
 from conkd.callbacks import Callback
+from conkd.devices import upload
 from conkd.errors import DivergedError
 from conkd.state import TrainState
 from conkd.views import Mixer
@@ -38,7 +39,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    x = x.to(device, non_blocking=True)
+    x = upload(x, device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -198,7 +199,7 @@ def train_one_epoch(
     for x, y, index in loader:
         if state.batch >= total:
             break
-        x, y = to_device(x, device, opts.channels_last), y.to(device, non_blocking=True)
+        x, y = to_device(x, device, opts.channels_last), upload(y, device)
         mixed = None
         if job.mix is not None:  # the teacher sees the mixed images too (function matching)
             x, mixed = job.mix(x, epoch, state.batch)
@@ -260,7 +261,7 @@ def evaluate(
     seen = 0
     k = min(5, num_classes)
     for x, y, index in tqdm(loader, desc=prefix, leave=False, disable=not progress):
-        x, y = to_device(x, device, channels_last), y.to(device)
+        x, y = to_device(x, device, channels_last), upload(y, device)
         with autocast(device, precision):
             out = model(x)
             if objective is not None:
@@ -269,7 +270,8 @@ def evaluate(
                     sums[name] = sums.get(name, 0.0) + v.detach().double() * y.shape[0]
         top = out["logits"].float().topk(k, dim=1).indices
         correct5 += (top == y[:, None]).any(dim=1).sum()
-        confusion += torch.bincount(y * num_classes + top[:, 0], minlength=num_classes**2)
+        # scatter_add_, not bincount: bincount reads its input's range on the host each batch
+        confusion.scatter_add_(0, y * num_classes + top[:, 0], torch.ones_like(y))
         seen += y.shape[0]
     names = sorted(sums)
     packed = torch.stack([correct5.double(), torch.tensor(seen, dtype=torch.float64, device=device),

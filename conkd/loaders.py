@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as tvf
 
+from conkd.devices import upload
 from conkd.distributed import rank_slice
 from conkd.sources import Split
 from conkd.views import ViewParams, ViewSpec, render, sample_seed
@@ -304,18 +305,18 @@ class DecodedLoader:
             index = index.pin_memory() if self.device.type == "cuda" else index
             return None, None, index, params  # labels are gathered on the device
         x = torch.from_numpy(np.ascontiguousarray(self.array[self.rows[positions]]))
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        return x, self.targets[index], index, params
+        y = self.targets[index]
+        if self.device.type == "cuda":  # pinned here, off the training thread
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y, index, params
 
     def _on_device(
         self, x: Tensor | None, y: Tensor | None, index: Tensor
     ) -> tuple[Tensor, Tensor]:
         """The batch's rows and labels on the device: copied, or gathered there (resident)."""
-        non_blocking = self.device.type == "cuda"
         if not self.resident:
-            return x.to(self.device, non_blocking=non_blocking), y  # type: ignore[union-attr,return-value]
-        at = index.to(self.device, non_blocking=non_blocking)
+            return upload(x, self.device), y  # type: ignore[arg-type,return-value]
+        at = upload(index, self.device)
         return self.array.index_select(0, self.device_rows[at]), self.device_targets[at]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

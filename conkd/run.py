@@ -84,6 +84,7 @@ def setup(cfg: DictConfig, hydra_cfg: Mapping[str, Any] | None) -> Parts:
     ctx = distributed.from_env()
     device = distributed.setup(ctx, builders.resolve_device(cfg.trainer.device))
     builders.limit_gpu_memory(device, cfg.trainer.gpu_memory_fraction)
+    builders.tune_convolutions(device, cfg.trainer.cudnn_benchmark)
     if not ctx.is_main:
         log.setLevel(logging.WARNING)  # rank 0 speaks for the run
     # one output folder for all ranks: rank 0's (each rank's Hydra made its own)

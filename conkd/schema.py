@@ -55,6 +55,7 @@ class TrainerConf:
     compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead | max-autotune
     optimizer_kernel: str = "auto"  # auto | fused | plain (conkd.optimizers.KERNELS)
     gpu_memory_fraction: Optional[float] = None  # noqa: UP045
+    cudnn_benchmark: bool = True
     grad_clip: Optional[float] = None  # noqa: UP045
     ema_decay: Optional[float] = None  # noqa: UP045
     decay_norms_and_biases: bool = True

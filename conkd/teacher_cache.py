@@ -55,6 +55,7 @@ from numpy.lib.format import open_memmap
 from torch import Tensor, nn
 
 from conkd import store
+from conkd.devices import upload
 from conkd.errors import ConKDError
 from conkd.replay import Replay, Teacher, evaluating, positions
 from conkd.views import Mixer
@@ -192,7 +193,9 @@ class TeacherCache:
         idx = positions(index)
         at = idx
         if self.resident is not None:  # a copy, not a wait: the device has no say in the checks
-            at = torch.from_numpy(idx).to(self.resident, non_blocking=True)
+            # the loader's pinned tensor itself where it is one (its block then outlives the copy)
+            src = index if isinstance(index, Tensor) and index.device.type == "cpu" else idx
+            at = upload(torch.as_tensor(src), self.resident)
         if epoch is None:
             self._check_range(idx, self.n_val, "validation")
             rows = {name: array[at] for name, array in self.val.items()}
@@ -220,7 +223,7 @@ class TeacherCache:
     def _float32(row: np.ndarray | Tensor, device: torch.device) -> Tensor:
         if isinstance(row, Tensor):  # resident: gathered on the device
             return row.float()
-        return torch.from_numpy(np.asarray(row, dtype=np.float32)).to(device)
+        return upload(torch.from_numpy(np.asarray(row, dtype=np.float32)), device)
 
     def to_device(self, device: torch.device) -> None:
         """Keep the outputs in ``device`` memory (float16, copied once) and gather them there;

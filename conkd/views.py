@@ -39,6 +39,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as tvf
 
+from conkd.devices import upload
 from conkd.errors import ConKDError
 
 #: Bumped whenever the view drawn for the same (spec, seed, epoch, index) changes: part of the
@@ -106,6 +107,10 @@ class ViewSpec:
             raise ConKDError(f"dataset.augment.scale_min must be in (0, 1], got {self.scale_min}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(self.std):
+            raise ConKDError(
+                f"normalisation needs 3 means and 3 non-zero stds, got {self.mean} / {self.std}"
+            )
 
     @classmethod
     def of(cls, image_size: int, augment: dict[str, Any] | None = None) -> ViewSpec:
@@ -194,14 +199,14 @@ def render(spec: ViewSpec, x: Tensor, params: ViewParams) -> Tensor:
     if crop == "resized":
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         b = torch.arange(x.shape[0], dtype=torch.float32)[:, None]
-        rois = torch.cat([b, params.boxes * scale], dim=1).to(x.device)
+        rois = upload(torch.cat([b, params.boxes * scale], dim=1), x.device)
         y = roi_align(x.float(), rois, (out, out), 1.0, -1, aligned=True)
     else:
         y = x if (h, w) == (out, out) else tvf.resize(x, [out, out], antialias=True)
         if crop == "pad" and spec.padding > 0:
-            y = _crop_padded(y, params.offsets.to(x.device), spec.padding, out)
-    if spec.train and spec.flip and bool(params.flip.any()):
-        y = torch.where(params.flip.to(x.device)[:, None, None, None], y.flip(-1), y)
+            y = _crop_padded(y, upload(params.offsets, x.device), spec.padding, out)
+    if spec.train and spec.flip and bool(params.flip.any()):  # params are on the host
+        y = torch.where(upload(params.flip, x.device)[:, None, None, None], y.flip(-1), y)
     ops = spec.photometric()
     if ops is not None:
         y = _photometric(ops, y, params.photometric)
@@ -209,7 +214,9 @@ def render(spec: ViewSpec, x: Tensor, params: ViewParams) -> Tensor:
         y = tvf.to_dtype(y, torch.float32, scale=True)
     else:  # roi_align's float output, still in [0, 255]: the same scale as to_dtype's
         y = y.mul_(1.0 / 255)
-    return tvf.normalize(y, list(spec.mean), list(spec.std), inplace=True)
+    # tvf.normalize's own mean/std tensors would be two synchronising copies per batch
+    mean, std = (upload(torch.tensor(v).view(-1, 1, 1), y.device) for v in (spec.mean, spec.std))
+    return y.sub_(mean).div_(std)
 
 
 def _photometric(ops: v2.Compose, y: Tensor, seeds: Tensor) -> Tensor:
@@ -220,7 +227,9 @@ def _photometric(ops: v2.Compose, y: Tensor, seeds: Tensor) -> Tensor:
     views = []
     for k in range(y.shape[0]):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seeds[k]))
+            # the CPU generator alone: torch.manual_seed would reseed the CUDA ones too, and
+            # fork_rng(devices=[]) does not restore those (the ops draw on the CPU anyway)
+            torch.default_generator.manual_seed(int(seeds[k]))
             views.append(ops(y[k]))
     return torch.stack(views)
 

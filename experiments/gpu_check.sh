@@ -89,10 +89,12 @@ BENCH=("$PY" benchmarks/gpu_throughput.py --data "$DATA" --image-size 128 --step
 case $PART in
   protocol)  # the benchmark without compilation, then the protocol (its table gets a minute)
     timed "${BENCH_S:-120}" gpu_throughput.log "${BENCH[@]}" --compile false
-    # Nothing logged as an artifact comes back from this machine: skip the model exports.
+    # Nothing logged as an artifact comes back from this machine: skip the model exports, and
+    # the teacher's registration (an export too; the students name its checkpoint instead).
     RUN_S=$(left 60) KEEP="$OUT" TRACKING_URI="sqlite:///$STORE" PY="$PY" \
       bash experiments/gpu_protocol.sh "$DATA" --set mlflow.log_model=false \
-      --set mlflow.log_checkpoint=false 2>&1 | tee "$OUT/gpu_protocol.log" ;;
+      --set mlflow.log_checkpoint=false --set mlflow.register=null 2>&1 \
+      | tee "$OUT/gpu_protocol.log" ;;
   scaling)  # the compile modes beside the plain CE step, then 1, 2 and 4 sweep workers
     timed "${BENCH_S:-300}" gpu_throughput.log "${BENCH[@]}" --only-ce \
       --compile false,default,reduce-overhead

@@ -224,6 +224,11 @@ def test_gpu_check_unpacks_cuts_the_benchmark_and_brings_back_this_calls_files(
     assert f"--data {tmp_path}/tmp/conkd-gpu/data/{image_folder.name} " in bench
     assert bench.endswith(" --compile false")
     assert sum("protocol.py run" in c for c in calls(env)) == 3
+    # no model export: nothing logged as an artifact comes back, and the students name the
+    # teacher's checkpoint rather than its registered model
+    skip = ("--set mlflow.log_model=false --set mlflow.log_checkpoint=false "
+            "--set mlflow.register=null")  # fmt: skip
+    assert all(skip in c for c in calls(env) if "protocol.py" in c)
     assert brought_back(env) == [
         "gpu.txt", "gpu128_files.tar.gz", "gpu128_section.md", "gpu_protocol.log",
         "gpu_throughput.log", "mlflow.db"]  # fmt: skip

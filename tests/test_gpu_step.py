@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conkd.devices import upload
 from conkd.engine import TrainState, train_one_epoch
 from conkd.errors import ConKDError, DivergedError
 from conkd.optimizers import describe, fast_optimizer
@@ -179,12 +180,109 @@ def test_the_gpu_memory_cap_is_checked_and_applied_only_on_cuda(monkeypatch) -> 
     from conkd.builders import limit_gpu_memory
 
     calls: list = []
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                        lambda f, d: calls.append((f, d)))  # fmt: skip
+
+    def cap(fraction, device=None) -> None:
+        # torch takes an index or None (the current device), and refuses an index-less "cuda"
+        assert device is None or isinstance(device, int), device
+        assert isinstance(fraction, float), fraction  # torch refuses an int too
+        calls.append((fraction, device))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", cap)
     limit_gpu_memory(CPU, 0.25)
     limit_gpu_memory(CUDA, None)
     assert calls == []
     limit_gpu_memory(CUDA, 0.25)
-    assert calls == [(0.25, CUDA)]
+    limit_gpu_memory(torch.device("cuda:1"), 1)
+    assert calls == [(0.25, None), (1.0, 1)]
     with pytest.raises(ConKDError, match=r"gpu_memory_fraction must be in \(0, 1\]"):
         limit_gpu_memory(CUDA, 1.5)
+
+
+# --- host-to-device copies -----------------------------------------------------------------------
+
+DEVICES = str(ROOT / "conkd" / "devices.py")
+
+
+def test_upload_queues_a_copy_out_of_pinned_memory_on_cuda(monkeypatch) -> None:
+    """A plain ``.to("cuda")`` from pageable memory waits for the device; ``upload`` pins (unless
+    pinned already) and copies with ``non_blocking=True``; off CUDA it is a plain ``.to``."""
+    seen: list = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: getattr(self, "_pinned", False))
+
+    def pin(self):
+        seen.append("pin")
+        out = self.clone()
+        out._pinned = True
+        return out
+
+    def to(self, *args, **kwargs):
+        seen.append(("to", getattr(self, "_pinned", False), args, kwargs))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    upload(torch.zeros(2), CUDA)
+    assert seen == ["pin", ("to", True, (CUDA,), {"non_blocking": True})]
+    seen.clear()
+    pinned = torch.zeros(2)
+    pinned._pinned = True
+    upload(pinned, CUDA)
+    upload(torch.zeros(2), CPU)
+    assert seen == [("to", True, (CUDA,), {"non_blocking": True}), ("to", False, (CPU,), {})]
+
+
+def test_every_per_batch_copy_to_the_device_goes_through_upload(
+    compose_cfg, tiny, teacher_run, monkeypatch
+) -> None:
+    """A training epoch and a validation pass of the mission's student through the real loader,
+    the device-resident arrays and teacher cache (the CPU as the device): ConKD's code calls
+    ``Tensor.to(device)`` only inside :func:`conkd.devices.upload`, so no step makes the host
+    wait for a CUDA device's queue."""
+    from conkd.engine import validate
+    from conkd.run import setup
+
+    direct: Counter = Counter()
+
+    def counting(real, moves):
+        def wrapper(*args, **kwargs):
+            f = sys._getframe(1)
+            name = f.f_code.co_filename
+            if moves(args, kwargs) and name.startswith(CONKD) and name != DEVICES:
+                direct[f"{real.__name__} {Path(name).name}:{f.f_code.co_name}"] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    # Tensor.to with a device; torch.tensor / as_tensor made from host data on a device
+    to = counting(torch.Tensor.to, lambda a, kw: "device" in kw
+                  or any(isinstance(x, torch.device | str) for x in a[1:]))  # fmt: skip
+    on_device = lambda a, kw: kw.get("device") is not None  # noqa: E731
+
+    cfg = compose_cfg([
+        *tiny, "loss=lsd+supcon", "optimizer=lion", "model@teacher=resnet18",
+        f"teacher_ckpt={teacher_run}/checkpoints/best.pt", "teacher_cache.enabled=true",
+        "teacher_cache.resident=true", "dataset.decode.resident=true", "mlflow.enabled=false",
+        "dataset.augment.crop=pad",
+    ])  # fmt: skip
+    parts = setup(cfg, None)
+    # made once per epoch, not per batch: a loader copies the rows' positions when it is built
+    train, val = parts.loaders.train(0), parts.loaders.eval("val")
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    for make in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, make, counting(getattr(torch, make), on_device))
+    train_one_epoch(parts.job, train, 0, TrainState())
+    validate(parts.job, val)
+    # the validation pass's one read: its sample count joins the device sums, then .tolist()
+    assert direct == Counter({"tensor engine.py:evaluate": 1}), direct
+
+
+def test_cudnn_autotuning_follows_the_config_on_cuda_only(monkeypatch) -> None:
+    from conkd.builders import tune_convolutions
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    tune_convolutions(CPU, True)
+    assert torch.backends.cudnn.benchmark is False
+    tune_convolutions(CUDA, True)
+    assert torch.backends.cudnn.benchmark is True
+    tune_convolutions(CUDA, False)
+    assert torch.backends.cudnn.benchmark is False
