@@ -138,27 +138,40 @@ class ViewSpec:
         self, seed: int, epoch: int | Sequence[int] | Tensor, index: Sequence[int] | Tensor
     ) -> ViewParams:
         """The parameters of the views of samples ``index`` in ``epoch`` (an int or one per
-        sample), each from a generator seeded by ``(seed, epoch, index)`` alone."""
+        sample), each from a generator seeded by ``(seed, epoch, index)`` alone.
+
+        It runs for every training batch in the loader's thread, holding the GIL the training
+        thread needs to launch its kernels, so it keeps per-sample work to the generator and its
+        draws: the tensors are made once per batch, and the seed words go in as a uint32 row
+        (the same entropy as the list ``[seed, epoch, index]``, converted faster)."""
         index = torch.as_tensor(index).reshape(-1)
         b = index.numel()
         epochs = torch.as_tensor(epoch).reshape(-1).expand(b) if b else torch.zeros(0)
-        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(b, 1)
-        offsets = torch.zeros(b, 2, dtype=torch.long)
-        flips = torch.zeros(b, dtype=torch.bool)
-        seeds = torch.zeros(b, dtype=torch.long)
         if not self.random:
-            return ViewParams(boxes, offsets, flips, seeds)
-        for k, (e, i) in enumerate(zip(epochs.tolist(), index.tolist())):
-            rng = np.random.default_rng([seed, int(e), int(i)])
-            if self.crop == "resized":
-                boxes[k] = torch.tensor(self._resized_box(rng))
-            elif self.crop == "pad":
-                offsets[k] = torch.from_numpy(rng.integers(0, 2 * self.padding + 1, 2))
-            if self.flip:
-                flips[k] = bool(rng.random() < 0.5)
-            if self.photometric_ops:
-                seeds[k] = int(rng.integers(0, 2**62))
-        return ViewParams(boxes, offsets, flips, seeds)
+            return ViewParams(
+                torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(b, 1),
+                torch.zeros(b, 2, dtype=torch.long),
+                torch.zeros(b, dtype=torch.bool),
+                torch.zeros(b, dtype=torch.long),
+            )
+        words = [[seed, int(e), int(i)] for e, i in zip(epochs.tolist(), index.tolist())]
+        if all(0 <= w < 2**32 for w in (seed, *epochs.tolist(), *index.tolist())):
+            words = np.asarray(words, dtype=np.uint32)  # type: ignore[assignment]
+        crop, flip, photometric = self.crop, self.flip, self.photometric_ops
+        boxes, offsets, flips, seeds = [], [], [], []
+        for entropy in words:
+            rng = np.random.default_rng(entropy)
+            boxes.append(self._resized_box(rng) if crop == "resized" else (0.0, 0.0, 1.0, 1.0))
+            pad = crop == "pad"
+            offsets.append(rng.integers(0, 2 * self.padding + 1, 2).tolist() if pad else (0, 0))
+            flips.append(bool(rng.random() < 0.5) if flip else False)
+            seeds.append(int(rng.integers(0, 2**62)) if photometric else 0)
+        return ViewParams(
+            torch.tensor(boxes, dtype=torch.float32).reshape(b, 4),
+            torch.tensor(offsets, dtype=torch.long).reshape(b, 2),
+            torch.tensor(flips, dtype=torch.bool),
+            torch.tensor(seeds, dtype=torch.long),
+        )
 
     def _resized_box(self, rng: np.random.Generator) -> tuple[float, float, float, float]:
         """RandomResizedCrop's window as fractions of the image: an area fraction and a

@@ -23,7 +23,7 @@ from conkd.decoded import ARRAY_FILE, META_FILE, DecodedArray, decode_key
 from conkd.errors import ConKDError
 from conkd.loaders import DecodedLoader, EpochSampler, keep_resident
 from conkd.sources import ImageFolderSource, Split
-from conkd.views import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, render
+from conkd.views import IMAGENET_MEAN, IMAGENET_STD, VERSION, ViewSpec, render
 
 
 def make_dm(
@@ -193,6 +193,21 @@ def test_resized_crop_is_one_definition(source: ImageFolderSource, tmp_path: Pat
     assert torch.equal(ia, ib)
     torch.testing.assert_close(xa, xb)
     assert (xa - xb.flip(-1)).abs().mean() > 0.2  # a mirrored view would be far off
+
+
+def test_drawn_views_keep_their_values() -> None:
+    """Views are part of the teacher cache's key and of every checkpoint through
+    ``views.VERSION``: a change of any drawn value must bump it. Pinned here, for a small seed
+    (entropy passed as uint32 words) and one past 32 bits (passed as a list), per-sample epochs."""
+    p = ViewSpec(24).draw(3, 1, [0, 7])
+    torch.testing.assert_close(p.boxes, torch.tensor([
+        [0.10293333977460861, 0.11251373589038849, 0.8014010787010193, 0.8492900729179382],
+        [0.2434735894203186, 0.38734471797943115, 0.8396321535110474, 0.9829239845275879],
+    ]), rtol=0, atol=0)  # fmt: skip
+    assert p.flip.tolist() == [False, False] and VERSION == 2
+    q = ViewSpec(32, crop="pad", randaugment_ops=2).draw(2**40, torch.tensor([0, 5]), [1, 2])
+    assert q.offsets.tolist() == [[8, 3], [8, 6]] and q.flip.tolist() == [True, True]
+    assert q.photometric.tolist() == [3547881824305829139, 3329208627349970334]
 
 
 def test_resized_crops_are_distributed_as_torchvisions() -> None:
