@@ -57,12 +57,13 @@ class WeightEMA(AveragedModel):
         mine = itertools.chain(self.module.parameters(), self.module.buffers())
         theirs = itertools.chain(model.parameters(), model.buffers())
         floats: tuple[list, list] = ([], [])
+        ints: tuple[list, list] = ([], [])  # copied in one launch, not one per BatchNorm
         for a, c in zip(mine, theirs, strict=True):
-            if a.is_floating_point():
-                floats[0].append(a.detach())
-                floats[1].append(c.detach())
-            else:
-                a.copy_(c)
+            kind = floats if a.is_floating_point() else ints
+            kind[0].append(a.detach())
+            kind[1].append(c.detach())
+        if ints[0]:
+            torch._foreach_copy_(*ints)
         if self._updates == 0:  # the first update copies
             torch._foreach_copy_(*floats)
         else:
