@@ -204,9 +204,10 @@ class DataModule:
             )
         splits = Splits(self.train, self.val, self.test, self.batch_size, self.eval_batch_size,
                         self.seed)  # fmt: skip
-        if self.decode is None:
-            return PILLoaders(splits, self.num_workers, self.pin_memory, rank, world)
         device = torch.device(device)
+        if self.decode is None:  # pinned batches: the loop's copy to a CUDA device is queued
+            pin = self.pin_memory or device.type == "cuda"
+            return PILLoaders(splits, self.num_workers, pin, rank, world)
         arrays = {name: self.decoded(name).array for name in ("train", "test")}
         nbytes = sum(a.nbytes for a in arrays.values())
         if keep_resident(self.decode["resident"], device, nbytes):

@@ -16,9 +16,19 @@ import torch
 from torch import Tensor
 
 
+def pinned_for(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` in pinned host memory, dense, when it will be copied to a CUDA ``device`` (else
+    ``t`` itself). A loader thread calls it ahead of the copy, off the training thread."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t
+    t = t.contiguous()  # a view with gaps would be copied through a pageable temporary
+    return t if t.is_pinned() else t.pin_memory()
+
+
 def upload(t: Tensor, device: torch.device) -> Tensor:
     """``t`` on ``device``; from host memory to a CUDA device as a queued copy out of pinned
-    memory (``t`` itself where it is pinned, else a pinned copy), elsewhere a plain ``.to``."""
+    memory (``t`` itself where it is pinned and dense, else a pinned copy), elsewhere a plain
+    ``.to``."""
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return pinned_for(t, device).to(device, non_blocking=True)

@@ -274,8 +274,8 @@ def evaluate(
         confusion.scatter_add_(0, y * num_classes + top[:, 0], torch.ones_like(y))
         seen += y.shape[0]
     names = sorted(sums)
-    packed = torch.stack([correct5.double(), torch.tensor(seen, dtype=torch.float64, device=device),
-                          *(sums[k] for k in names)])  # fmt: skip
+    count = upload(torch.tensor(seen, dtype=torch.float64), device)
+    packed = torch.stack([correct5.double(), count, *(sums[k] for k in names)])
     correct5_, seen_, *values = distributed.all_reduce_sum(packed).tolist()
     correct5, seen, sums = int(correct5_), int(seen_), dict(zip(names, values))
     confusion = distributed.all_reduce_sum(confusion).view(num_classes, num_classes).cpu()

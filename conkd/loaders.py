@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as tvf
 
-from conkd.devices import upload
+from conkd.devices import pinned_for, upload
 from conkd.distributed import rank_slice
 from conkd.sources import Split
 from conkd.views import ViewParams, ViewSpec, render, sample_seed
@@ -283,8 +283,8 @@ class DecodedLoader:
         self.resident = isinstance(array, Tensor)
         if self.resident:
             self.device = array.device
-            self.device_rows = torch.from_numpy(self.rows).to(self.device)
-            self.device_targets = self.targets.to(self.device)
+            self.device_rows = upload(torch.from_numpy(self.rows), self.device)
+            self.device_targets = upload(self.targets, self.device)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -301,14 +301,16 @@ class DecodedLoader:
     ) -> tuple[Tensor | None, Tensor | None, Tensor, ViewParams]:
         index = torch.tensor(positions, dtype=torch.int64)
         params = self.spec.draw(self.seed, self.sampler.epoch, index)
-        if self.resident:  # the positions go to the device: pinned, the copy is asynchronous
-            index = index.pin_memory() if self.device.type == "cuda" else index
-            return None, None, index, params  # labels are gathered on the device
+        # pinned here, off the training thread: the copies to the device are then queued
+        if self.resident:  # only the positions go to the device; labels are gathered there
+            return None, None, pinned_for(index, self.device), params
         x = torch.from_numpy(np.ascontiguousarray(self.array[self.rows[positions]]))
-        y = self.targets[index]
-        if self.device.type == "cuda":  # pinned here, off the training thread
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y, index, params
+        return (
+            pinned_for(x, self.device),
+            pinned_for(self.targets[index], self.device),
+            index,
+            params,
+        )
 
     def _on_device(
         self, x: Tensor | None, y: Tensor | None, index: Tensor

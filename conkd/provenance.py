@@ -79,7 +79,10 @@ TABLE: dict[str, tuple[Effect, str]] = {
     "trainer.compile_mode": (RESULT, "other kernels for the trained network"),
     "trainer.optimizer_kernel": (RESULT, "other kernels for the updates"),
     "trainer.gpu_memory_fraction": (OPERATIONAL, "a cap on this process's GPU memory"),
-    "trainer.cudnn_benchmark": (RESULT, "other convolution kernels on CUDA"),
+    "trainer.cudnn_benchmark": (
+        OPERATIONAL,
+        "which cuDNN kernels run; GPU runs differ in rounding anyway",
+    ),
     "trainer.grad_clip": (RESULT, "the updates"),
     "trainer.ema_decay": (RESULT, "the weights validated, tested and kept"),
     "trainer.decay_norms_and_biases": (RESULT, "the updates"),

@@ -193,9 +193,10 @@ class TeacherCache:
         idx = positions(index)
         at = idx
         if self.resident is not None:  # a copy, not a wait: the device has no say in the checks
-            # the loader's pinned tensor itself where it is one (its block then outlives the copy)
-            src = index if isinstance(index, Tensor) and index.device.type == "cpu" else idx
-            at = upload(torch.as_tensor(src), self.resident)
+            # the loader's pinned positions themselves where they are what positions() makes
+            plain = isinstance(index, Tensor) and index.dtype == torch.int64 and index.dim() == 1
+            src = index if plain and index.device.type == "cpu" else torch.from_numpy(idx)
+            at = upload(src, self.resident)
         if epoch is None:
             self._check_range(idx, self.n_val, "validation")
             rows = {name: array[at] for name, array in self.val.items()}

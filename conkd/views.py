@@ -155,7 +155,7 @@ class ViewSpec:
                 torch.zeros(b, dtype=torch.long),
             )
         words = [[seed, int(e), int(i)] for e, i in zip(epochs.tolist(), index.tolist())]
-        if all(0 <= w < 2**32 for w in (seed, *epochs.tolist(), *index.tolist())):
+        if all(0 <= w < 2**32 for row in words for w in row):
             words = np.asarray(words, dtype=np.uint32)  # type: ignore[assignment]
         crop, flip, photometric = self.crop, self.flip, self.photometric_ops
         boxes, offsets, flips, seeds = [], [], [], []
@@ -228,7 +228,8 @@ def render(spec: ViewSpec, x: Tensor, params: ViewParams) -> Tensor:
     else:  # roi_align's float output, still in [0, 255]: the same scale as to_dtype's
         y = y.mul_(1.0 / 255)
     # tvf.normalize's own mean/std tensors would be two synchronising copies per batch
-    mean, std = (upload(torch.tensor(v).view(-1, 1, 1), y.device) for v in (spec.mean, spec.std))
+    mean, std = (upload(torch.tensor(v, dtype=y.dtype).view(-1, 1, 1), y.device)
+                 for v in (spec.mean, spec.std))  # fmt: skip
     return y.sub_(mean).div_(std)
 
 

@@ -568,7 +568,7 @@ def short_of_seeds(s: Settings, results: Sequence[Result]) -> list[str]:
     short = [
         f"{r.row.title} ({', '.join(map(str, r.seeds))} of {', '.join(map(str, planned))})"
         for r in results
-        if len(r.seeds) < len(planned := r.row.seeds or s.seeds)
+        if set(planned := r.row.seeds or s.seeds) - set(r.seeds)
     ]
     return [f"- seeds that finished, where not all did: {'; '.join(short)}"] if short else []
 
