@@ -157,13 +157,13 @@ class ViewSpec:
         words = [[seed, int(e), int(i)] for e, i in zip(epochs.tolist(), index.tolist())]
         if all(0 <= w < 2**32 for row in words for w in row):
             words = np.asarray(words, dtype=np.uint32)  # type: ignore[assignment]
-        crop, flip, photometric = self.crop, self.flip, self.photometric_ops
+        resized, pad, span = self.crop == "resized", self.crop == "pad", 2 * self.padding + 1
+        flip, photometric = self.flip, self.photometric_ops
         boxes, offsets, flips, seeds = [], [], [], []
         for entropy in words:
             rng = np.random.default_rng(entropy)
-            boxes.append(self._resized_box(rng) if crop == "resized" else (0.0, 0.0, 1.0, 1.0))
-            pad = crop == "pad"
-            offsets.append(rng.integers(0, 2 * self.padding + 1, 2).tolist() if pad else (0, 0))
+            boxes.append(self._resized_box(rng) if resized else (0.0, 0.0, 1.0, 1.0))
+            offsets.append(rng.integers(0, span, 2).tolist() if pad else (0, 0))
             flips.append(bool(rng.random() < 0.5) if flip else False)
             seeds.append(int(rng.integers(0, 2**62)) if photometric else 0)
         return ViewParams(
