@@ -1,6 +1,7 @@
 """Fault test: SIGKILL a training run (and a sweep) at random points, resume, compare.
 
-A run (``python train.py``, resumable ``last.pt`` every step) is killed ``--kills`` times: some
+A run (``python train.py``, resumable ``last.pt`` every step, written in the background as on a
+GPU) is killed ``--kills`` times: some
 kills land at a random moment inside an epoch, the others while a checkpoint is being written
 (the moment ``last.pt.tmp`` appears). Each time the same command is run again (``resume=auto``)
 until it finishes. Its final weights, optimizer state and metrics are then compared with an
@@ -58,6 +59,7 @@ def run_overrides(data: Path, work: Path, epochs: int, steps: int) -> list[str]:
         "experiment=teacher", "model=resnet18", "optimizer=lion", "mlflow.register=null",
         "mlflow.log_model=false", *tiny_overrides(data, work, epochs, steps),
         "dataset.eval_batch_size=16", "trainer.checkpoint_every_steps=1",
+        "trainer.checkpoint_background=true",  # the GPU's writer (auto: direct on a CPU)
     ]  # fmt: skip
 
 
@@ -219,7 +221,7 @@ def sweep_overrides(data: Path, work: Path) -> list[str]:
         f"hydra.sweeper.storage=sqlite:///{work / 'optuna.db'}", "hydra.sweeper.study_name=fault",
         "mlflow.log_model=false", "mlflow.log_checkpoint=false",
         *tiny_overrides(data, work, epochs=3, steps=3), "dataset.eval_batch_size=16",
-        "trainer.checkpoint_every_steps=1",
+        "trainer.checkpoint_every_steps=1", "trainer.checkpoint_background=true",
     ]  # fmt: skip
 
 

@@ -1,10 +1,11 @@
 """The training loop's callbacks: every piece of work :func:`conkd.engine.fit` does around it.
 
-A :class:`Callback` has three hooks, each doing nothing unless overridden, so the loop calls
+A :class:`Callback` has four hooks, each doing nothing unless overridden, so the loop calls
 every hook of every callback: :meth:`~Callback.on_resume` once when training continues from a
-checkpoint, :meth:`~Callback.on_step_end` after each optimizer step and
-:meth:`~Callback.on_epoch_end` after each epoch's validation (True stops training). The loop's
-callbacks, in the order ``conkd.run`` gives them:
+checkpoint, :meth:`~Callback.on_step_end` after each optimizer step,
+:meth:`~Callback.on_epoch_end` after each epoch's validation (True stops training) and
+:meth:`~Callback.on_fit_end` once training has ended, also by an error. The loop's callbacks, in
+the order ``conkd.run`` gives them:
 
 * :class:`HeartbeatCallback`: the owner's per-epoch sign of life, to the run and the trial;
 * :class:`PruningCallback`: the sweep's pruner (a pruned trial stops);
@@ -17,7 +18,7 @@ callbacks, in the order ``conkd.run`` gives them:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conkd import distributed
 from conkd.checkpoint import Checkpointer
@@ -25,6 +26,10 @@ from conkd.owner import RUN_TAGS, TRIAL_ATTRS, Owner
 from conkd.state import TrainState
 from conkd.sweep import TrialReporter
 from conkd.tracking.base import Tracker
+
+#: A metric every epoch logs (:func:`conkd.engine.fit` prints it): its steps are the epochs a
+#: run holds.
+EPOCH_METRIC = "val/top1"
 
 
 class Callback:
@@ -43,11 +48,15 @@ class Callback:
         training (a pruned trial)."""
         return None
 
+    def on_fit_end(self, state: TrainState, error: BaseException | None) -> None:
+        """Training has ended: finished, stopped early, or by ``error`` (then re-raised)."""
+
 
 @dataclass
 class CheckpointCallback(Callback):
     """``last.pt`` after every epoch (and every ``every_steps`` optimizer steps), ``best.pt``
-    (weights and metrics) on a new best."""
+    (weights and metrics) on a new best; once training ends, the writes in flight are waited
+    for (what follows reads ``best.pt``, and a killed or crashed run resumes from ``last.pt``)."""
 
     writer: Checkpointer
     every_steps: int | None = None
@@ -65,27 +74,36 @@ class CheckpointCallback(Callback):
         self.writer.save_last(state, **info)
         return None
 
+    def on_fit_end(self, state: TrainState, error: BaseException | None) -> None:
+        self.writer.close(raise_errors=error is None)  # a failed write must not hide ``error``
+
 
 @dataclass
 class TrackingCallback(Callback):
-    """Each epoch's metrics to the tracker at ``step=epoch``."""
+    """Each epoch's metrics to the tracker at ``step=epoch``, once.
+
+    A continued run may hold epochs its checkpoint does not: a kill after an epoch's metrics
+    were logged but before its ``last.pt`` landed (written in the background, or lost with a
+    corrupt ``last.pt``). Such an epoch is trained again and, resume being exact, gives the
+    same metrics (bar timings), so the logged ones stand and are not logged twice.
+    """
 
     tracker: Tracker
+    logged: set[int] = field(default_factory=set)  # the epochs a continued run already holds
 
     def on_resume(self, state: TrainState) -> None:
         """Log the finished epochs of a resumed state the run does not have yet (all of them in
         a new run; in a continued run, those whose logging a kill cut off)."""
-        if not state.history:
-            return
-        logged = self.tracker.logged_steps(next(iter(state.history[0])))
+        self.logged = self.tracker.logged_steps(EPOCH_METRIC)
         for epoch, metrics in enumerate(state.history):
-            if epoch not in logged:
+            if epoch not in self.logged:
                 self.tracker.log_metrics(metrics, step=epoch)
 
     def on_epoch_end(
         self, state: TrainState, metrics: Mapping[str, float], is_best: bool
     ) -> bool | None:
-        self.tracker.log_metrics(metrics, step=state.epoch - 1)
+        if state.epoch - 1 not in self.logged:
+            self.tracker.log_metrics(metrics, step=state.epoch - 1)
         return None
 
 

@@ -101,5 +101,10 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.optimizer_kernel must be one of {', '.join(KERNELS)}, got "
             f"{cfg.trainer.optimizer_kernel!r}"
         )
+    if cfg.trainer.checkpoint_background not in ("auto", True, False):
+        raise ConKDError(
+            "trainer.checkpoint_background must be auto, true or false, got "
+            f"{cfg.trainer.checkpoint_background!r}"
+        )
     if str(cfg.trainer.precision) not in ("32", "bf16"):
         raise ConKDError(f"trainer.precision must be 32 or bf16, got {cfg.trainer.precision!r}")

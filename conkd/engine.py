@@ -313,37 +313,56 @@ def fit(
 ) -> TrainState:
     """Train from ``state`` (epoch and batch) to ``job.options.epochs``; after each epoch
     validate and call every callback's ``on_epoch_end``; any of them may stop training (a pruned
-    sweep trial). Every callback's ``on_step_end`` is called after every step.
+    sweep trial). Every callback's ``on_step_end`` is called after every step, and its
+    ``on_fit_end`` once training ends, by an error too (a checkpoint still being written).
 
     ``train_loader(epoch, start)`` returns that epoch's loader from batch ``start`` on (its
     augmentation depends on the epoch). ``state.best`` ends as the best epoch's metrics by
     ``options.monitor``.
     """
-    opts = job.options
     state = state or TrainState()
-    sign = 1.0 if opts.mode == "max" else -1.0
-
-    while state.epoch < opts.epochs and not state.stopped_early:
-        epoch = state.epoch
-        loader = train_loader(epoch, state.batch)
-        metrics = train_one_epoch(job, loader, epoch, state, callbacks)
-        metrics.update(validate(job, val_loader))
-        if opts.monitor not in metrics:
-            raise KeyError(f"objective {opts.monitor!r} is not among the metrics {sorted(metrics)}")
-        is_best = not state.best or sign * metrics[opts.monitor] > sign * state.best[opts.monitor]
-        if is_best:
-            state.best = {**metrics, "epoch": epoch}
-        state.history.append(dict(metrics))
-        state.epoch = epoch + 1
-        log(
-            f"epoch {epoch + 1}/{opts.epochs}  loss {metrics['train/loss']:.4f}  "
-            f"val top1 {metrics['val/top1']:.2f}  top5 {metrics['val/top5']:.2f}  "
-            f"lr {metrics['train/lr']:.3g}  {metrics['train/throughput_img_s']:.0f} img/s"
-            + ("  *best*" if is_best else "")
-        )
-        for cb in callbacks:  # in order: a later one (the checkpointer) sees an earlier stop
-            if cb.on_epoch_end(state, metrics, is_best):
-                state.stopped_early = True
-        if state.stopped_early:
-            log(f"stopped early after epoch {epoch + 1}")
+    try:
+        while state.epoch < job.options.epochs and not state.stopped_early:
+            loader = train_loader(state.epoch, state.batch)
+            fit_epoch(job, loader, val_loader, state, callbacks, log)
+    except BaseException as err:
+        for cb in callbacks:
+            cb.on_fit_end(state, err)
+        raise
+    for cb in callbacks:
+        cb.on_fit_end(state, None)
     return state
+
+
+def fit_epoch(
+    job: Job,
+    loader: Iterable,
+    val_loader: Iterable,
+    state: TrainState,
+    callbacks: Sequence[Callback],
+    log: Callable[[str], None],
+) -> None:
+    """One epoch of :func:`fit`: train, validate, keep the best and the history, call the
+    callbacks' ``on_epoch_end`` (True from any of them stops training)."""
+    opts, epoch = job.options, state.epoch
+    sign = 1.0 if opts.mode == "max" else -1.0
+    metrics = train_one_epoch(job, loader, epoch, state, callbacks)
+    metrics.update(validate(job, val_loader))
+    if opts.monitor not in metrics:
+        raise KeyError(f"objective {opts.monitor!r} is not among the metrics {sorted(metrics)}")
+    is_best = not state.best or sign * metrics[opts.monitor] > sign * state.best[opts.monitor]
+    if is_best:
+        state.best = {**metrics, "epoch": epoch}
+    state.history.append(dict(metrics))
+    state.epoch = epoch + 1
+    log(
+        f"epoch {epoch + 1}/{opts.epochs}  loss {metrics['train/loss']:.4f}  "
+        f"val top1 {metrics['val/top1']:.2f}  top5 {metrics['val/top5']:.2f}  "
+        f"lr {metrics['train/lr']:.3g}  {metrics['train/throughput_img_s']:.0f} img/s"
+        + ("  *best*" if is_best else "")
+    )
+    for cb in callbacks:  # in order: a later one (the checkpointer) sees an earlier stop
+        if cb.on_epoch_end(state, metrics, is_best):
+            state.stopped_early = True
+    if state.stopped_early:
+        log(f"stopped early after epoch {epoch + 1}")

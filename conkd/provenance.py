@@ -89,6 +89,7 @@ TABLE: dict[str, tuple[Effect, str]] = {
     "trainer.progress": (OPERATIONAL, "progress bars"),
     "trainer.sync_every_steps": (OPERATIONAL, "how often the host reads the losses"),
     "trainer.checkpoint_every_steps": (OPERATIONAL, "how often last.pt is written"),
+    "trainer.checkpoint_background": (OPERATIONAL, "which thread writes the same checkpoints"),
     # the data
     "dataset._target_": (TEACHER_DIGEST, "the data module: its fingerprint and view pipeline"),
     "dataset.name": (OPERATIONAL, "a label (MLflow experiment, logs)"),

@@ -29,7 +29,7 @@ from conkd.callbacks import (
     SharedStop,
     TrackingCallback,
 )
-from conkd.checkpoint import LAST, Checkpointer
+from conkd.checkpoint import LAST, Checkpointer, in_background
 from conkd.data import DataModule
 from conkd.engine import (
     Job,
@@ -161,8 +161,9 @@ def callbacks(cfg: DictConfig, parts: Parts, resolved: dict[str, Any]) -> list[C
         "views": views.VERSION,
     }
     model = distributed.unwrap(job.model)
+    background = in_background(cfg.trainer.checkpoint_background, job.device)
     writer = Checkpointer(parts.ckpt_dir, model, parts.spec, job.optimizer, job.scheduler, extra,
-                          job.average)  # fmt: skip
+                          job.average, background)  # fmt: skip
     return [
         HeartbeatCallback(parts.tracker, reporter),
         *([PruningCallback(reporter)] if reporter is not None else []),

@@ -60,6 +60,7 @@ class TrainerConf:
     ema_decay: Optional[float] = None  # noqa: UP045
     decay_norms_and_biases: bool = True
     checkpoint_every_steps: Optional[int] = None  # noqa: UP045
+    checkpoint_background: Any = "auto"  # auto | true | false (conkd.checkpoint.in_background)
     progress: bool = True
     sync_every_steps: int = 50
 

@@ -2,10 +2,10 @@
 # The GPU issue's figures in one device call (one H100 or H200: gpu.txt and the results name the
 # card; at most 10 minutes): the throughput benchmark without compilation (teacher and student
 # img/s and TFLOP/s, the teacher cache's build rate, the cached-teacher student and its ratio to
-# the CE student, Lion's kernels), then the GPU protocol (experiments/gpu_protocol.sh). The
-# logs, a snapshot of the MLflow database (every minute and at the end), and what the protocol
+# the CE student, Lion's kernels), the checkpoint writes beside training
+# (benchmarks/checkpoint_write.py), then the GPU protocol (experiments/gpu_protocol.sh). The logs, a snapshot of the MLflow database (every minute and at the end), and what the protocol
 # wrote in this call (its README section; its run logs, Optuna study and figures in one tar)
-# land in $OUT, which the device tool brings back (at most 8 files: here 6), also when a step
+# land in $OUT, which the device tool brings back (at most 8 files: here 7), also when a step
 # fails or runs out of time. Only a kill outright loses the last minute.
 #
 # Prepare here, once: python experiments/gpu_prepare.py ../shared/data/imagenette
@@ -87,14 +87,25 @@ left() { local s=$((BUDGET_S - SECONDS - $1)); echo $((s > 0 ? s : 1)); }
 BENCH=("$PY" benchmarks/gpu_throughput.py --data "$DATA" --image-size 128 --steps 30
        --workdir "$WORK/bench")
 case $PART in
-  protocol)  # the benchmark without compilation, then the protocol (its table gets a minute)
+  protocol)  # the benchmark without compilation, the checkpoint writer, then the protocol (its
+             # table gets a minute)
     timed "${BENCH_S:-120}" gpu_throughput.log "${BENCH[@]}" --compile false
+    # Checkpoints written beside training: how long each writer holds the training thread, and
+    # whether the background files hold what direct writes hold. Where that is not confirmed
+    # for both networks, the protocol writes its checkpoints directly.
+    timed "${CKPT_S:-60}" checkpoint_write.log "$PY" benchmarks/checkpoint_write.py \
+      --device cuda --image-size 128 --batch-size 128 --steps 10 --epochs 2 --rounds 1
+    WRITES=()
+    [ "$(grep -sc 'holds what a direct write holds' "$OUT/checkpoint_write.log")" == 2 ] || {
+      echo "[gpu_check] background checkpoints not confirmed: the protocol writes directly"
+      WRITES=(--set trainer.checkpoint_background=false)
+    }
     # Nothing logged as an artifact comes back from this machine: skip the model exports, and
     # the teacher's registration (an export too; the students name its checkpoint instead).
     RUN_S=$(left 60) KEEP="$OUT" TRACKING_URI="sqlite:///$STORE" PY="$PY" \
       bash experiments/gpu_protocol.sh "$DATA" --set mlflow.log_model=false \
-      --set mlflow.log_checkpoint=false --set mlflow.register=null 2>&1 \
-      | tee "$OUT/gpu_protocol.log" ;;
+      --set mlflow.log_checkpoint=false --set mlflow.register=null ${WRITES[@]+"${WRITES[@]}"} \
+      2>&1 | tee "$OUT/gpu_protocol.log" ;;
   scaling)  # the compile modes beside the plain CE step, then 1, 2 and 4 sweep workers
     timed "${BENCH_S:-300}" gpu_throughput.log "${BENCH[@]}" --only-ce \
       --compile false,default,reduce-overhead

@@ -58,6 +58,10 @@ def test_wrong_type_on_the_command_line_is_one_message(tmp_path: Path) -> None:
         ("optimizer.lr=fast", r"optimizer.lr must be a number, got 'fast' \(str\)"),
         ("dataset.batch_size=1", r"dataset.batch_size must be >= 2, got 1"),
         ("dataset.val_fraction=1.0", r"dataset.val_fraction must be in \(0, 1\), got 1.0"),
+        (
+            "trainer.checkpoint_background=maybe",
+            "trainer.checkpoint_background must be auto, true or false, got 'maybe'",
+        ),
     ],
 )
 def test_untyped_constructor_arguments_are_checked_by_name(

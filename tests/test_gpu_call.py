@@ -127,6 +127,9 @@ case "$*" in
        exit 0 ;;
   *gpu_throughput.py*) echo "teacher resnet101 CE, compile=false  1 img/s"; sleep 30 ;;
   *gpu_workers.py*) echo "1 worker(s): 4 trials"; sleep "${FAKE_WORKERS_S:-0}" ;;
+  *checkpoint_write.py*) for who in teacher ${FAKE_CKPT_ONLY:-student}; do
+                           echo "$who: background last.pt holds what a direct write holds"
+                         done ;;
   *"protocol.py run"*) mkdir -p outputs/protocol/gpu128/ce
                        echo "a run's log" > outputs/protocol/gpu128/ce/seed0.log
                        sleep "${FAKE_RUN_S:-0}" ;;
@@ -230,8 +233,11 @@ def test_gpu_check_unpacks_cuts_the_benchmark_and_brings_back_this_calls_files(
             "--set mlflow.register=null")  # fmt: skip
     assert all(skip in c for c in calls(env) if "protocol.py" in c)
     assert brought_back(env) == [
-        "gpu.txt", "gpu128_files.tar.gz", "gpu128_section.md", "gpu_protocol.log",
-        "gpu_throughput.log", "mlflow.db"]  # fmt: skip
+        "checkpoint_write.log", "gpu.txt", "gpu128_files.tar.gz", "gpu128_section.md",
+        "gpu_protocol.log", "gpu_throughput.log", "mlflow.db"]  # fmt: skip
+    # the background writer confirmed for both networks: the protocol keeps it
+    assert "checkpoint_write.py --device cuda" in calls(env)[2]
+    assert not any("checkpoint_background" in c for c in calls(env))
     back = Path(env["OUT"])
     assert "compile=false" in (back / "gpu_throughput.log").read_text()
     section = (back / "gpu128_section.md").read_text().splitlines()
@@ -239,6 +245,17 @@ def test_gpu_check_unpacks_cuts_the_benchmark_and_brings_back_this_calls_files(
     assert section[-1] == "<!-- protocol:gpu128:end -->"
     with tarfile.open(back / "gpu128_files.tar.gz") as tar:
         assert tar.getnames() == ["outputs/protocol/gpu128/ce/seed0.log"]  # not the old figure
+
+
+def test_gpu_check_writes_checkpoints_directly_where_the_background_is_not_confirmed(
+    scripts, image_folder: Path
+) -> None:
+    repo, env = scripts
+    env = {**env, "FAKE_CKPT_ONLY": " ", "BENCH_S": "1"}  # no student line: not confirmed
+    out = run_script(repo, env, "experiments/gpu_check.sh", str(image_folder)).stdout
+    assert "background checkpoints not confirmed: the protocol writes directly" in out
+    runs = [c for c in calls(env) if "protocol.py" in c]
+    assert len(runs) == 4 and all("--set trainer.checkpoint_background=false" in c for c in runs)
 
 
 def test_gpu_check_brings_back_what_it_has_when_a_step_fails(scripts, image_folder: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conkd.devices import upload
+from conkd.devices import copies_done, download, upload
 from conkd.engine import TrainState, train_one_epoch
 from conkd.errors import ConKDError, DivergedError
 from conkd.optimizers import describe, fast_optimizer
@@ -234,6 +234,67 @@ def test_upload_queues_a_copy_out_of_pinned_memory_on_cuda(monkeypatch) -> None:
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: seen.append(self.stride()))
     upload(torch.zeros(1, 3).expand(4, 3), CUDA)
     assert seen == ["pin", (3, 1)]
+
+
+def test_download_queues_a_copy_into_kept_pinned_memory_on_cuda(monkeypatch) -> None:
+    """From a CUDA tensor, ``download`` copies into pinned memory with ``non_blocking=True``
+    (the caller does not wait for the device) and reuses a matching pinned buffer; elsewhere it
+    is a plain copy. ``copies_done`` records one event per CUDA device on its current stream."""
+    real_device = torch._C.TensorBase.device.__get__
+    monkeypatch.setattr(torch.Tensor, "device", property(
+        lambda self: CUDA if getattr(self, "_cuda", False) else real_device(self)))  # fmt: skip
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: getattr(self, "_pinned", False))
+    made, copies = [], []
+    real_empty_like, real_copy = torch.empty_like, torch.Tensor.copy_
+
+    def empty_like(t, *, device, pin_memory):
+        made.append((device, pin_memory))
+        out = real_empty_like(t, device=device)
+        out._pinned = pin_memory
+        return out
+
+    def copy_(self, src, non_blocking=False):
+        copies.append(non_blocking)
+        return real_copy(self, src)
+
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    weights = torch.arange(6.0).view(2, 3)
+    weights._cuda = True
+    first = download(weights)
+    again = download(weights, into=first)
+    assert made == [("cpu", True)] and copies == [True, True] and again is first
+    assert torch.equal(first, torch.arange(6.0).view(2, 3))
+    made.clear(), copies.clear()
+    download(torch.zeros(2, 3), into=torch.zeros(3, 2))  # another shape: a new buffer
+    assert made == [("cpu", False)] and copies == [False]
+
+    recorded = []
+
+    class Event:
+        def record(self, stream):
+            recorded.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    assert len(copies_done([CUDA, CPU, CUDA])) == 1 and recorded == [f"stream of {CUDA}"]
+    assert copies_done([CPU]) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_background_checkpoint_on_cuda_holds_the_values_of_its_save(tmp_path: Path) -> None:
+    from conkd.checkpoint import Checkpointer, load_checkpoint
+
+    model = torch.nn.Linear(256, 256).to(CUDA)
+    opt = torch.optim.AdamW(model.parameters())
+    writer = Checkpointer(tmp_path, model, {}, opt, background=True)
+    before = model.weight.detach().cpu()
+    writer.save_last(TrainState())
+    with torch.no_grad():
+        for _ in range(100):  # queued after the copy: they must not reach the file
+            model.weight.add_(1.0)
+    writer.close()
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["state_dict"]["weight"], before)
 
 
 @pytest.mark.parametrize(

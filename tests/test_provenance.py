@@ -114,6 +114,7 @@ def test_cache_key_holds_the_raw_teacher_values(compose_cfg) -> None:
         "optuna.trial",
         "trainer.progress",
         "trainer.checkpoint_every_steps",
+        "trainer.checkpoint_background",
         "teacher_cache.dir",
         "teacher_cache.max_gb",
         "dataset.num_workers",

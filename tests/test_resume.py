@@ -21,7 +21,11 @@ from conkd import checkpoint as ckpt_io
 from conkd.callbacks import CheckpointCallback
 from conkd.errors import ConKDError
 from conkd.run import run
+from conkd.state import TrainState
 from tests.conftest import run_cli, tiny_overrides
+
+#: Checkpoints written in the background on the CPU too (``auto``: on CUDA only).
+BACKGROUND = "trainer.checkpoint_background=true"
 
 
 class Crash(Exception):
@@ -180,6 +184,144 @@ def test_resume_from_another_runs_checkpoint_starts_a_new_mlflow_run(
     new_id = json.loads((out / "metrics.json").read_text())["run_id"]
     assert new_id != ckpt_io.load_checkpoint(crashed / "checkpoints" / "last.pt")["run_id"]
     assert metric_steps(store, new_id) == [0, 1, 2]  # epochs 0-1 logged from the history
+
+
+def small_writer(directory: Path, background: bool) -> tuple[ckpt_io.Checkpointer, TrainState]:
+    """A checkpointer of a stepped network with AdamW, a scheduler and a weight EMA, and a
+    state with history: every kind of content a resumable checkpoint holds."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model = model.to(memory_format=torch.channels_last)  # strided weights are kept as they are
+    spec = {"_target_": "torch.nn.Identity"}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step(), sched.step()
+    average = torch.optim.swa_utils.AveragedModel(model)
+    extra = {"classes": ["a", "b"], "config": {"seed": 0, "trainer": {"epochs": 3}}}
+    writer = ckpt_io.Checkpointer(directory, model, spec, opt, sched, extra, average, background)
+    state = TrainState(epoch=1, step=4, history=[{"val/top1": 50.0}], best={"val/top1": 50.0})
+    return writer, state
+
+
+def test_a_background_checkpoint_is_the_file_a_direct_write_gives(tmp_path: Path) -> None:
+    for background in (False, True):
+        writer, state = small_writer(tmp_path / str(background), background)
+        torch.manual_seed(5)  # the same RNG states in both files
+        writer.save_best(epoch=0, metrics={"val/top1": 50.0})
+        writer.save_last(state, epoch=0)
+        writer.close()
+    for name in ("last.pt", "best.pt"):
+        direct, queued = ((tmp_path / b / name).read_bytes() for b in ("False", "True"))
+        assert direct == queued, name
+
+
+def test_a_background_checkpoint_holds_the_values_of_its_save_while_training_goes_on(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import threading
+
+    release, real = threading.Event(), torch.save
+
+    def slow_save(obj, path):
+        assert release.wait(30)
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", slow_save)
+    writer, state = small_writer(tmp_path, background=True)
+    model, opt = writer.model, writer.optimizer
+    weight = model[0].weight.detach().clone()
+    moment = opt.state[model[0].weight]["exp_avg"].clone()
+    writer.save_last(state)  # returns with the write still to come
+    assert not (tmp_path / "last.pt").exists()
+    with torch.no_grad():  # training goes on: weights, optimizer state and history change
+        model[0].weight.add_(1.0)
+    opt.state[model[0].weight]["exp_avg"].add_(1.0)
+    state.history.append({"val/top1": 60.0})
+    release.set()
+    writer.close()
+    saved = ckpt_io.load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(saved["state_dict"]["0.weight"], weight)
+    assert saved["state_dict"]["0.weight"].stride() == weight.stride()
+    assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], moment)
+    assert saved["train_state"]["history"] == [{"val/top1": 50.0}]
+
+
+def test_background_copies_reuse_their_buffers(tmp_path: Path) -> None:
+    writer, state = small_writer(tmp_path, background=True)
+    writer.save_last(state)
+    copies = writer._writer._copies["last.pt"]  # noqa: SLF001 - the buffers are the point
+    first = [t.data_ptr() for t in copies.buffers]
+    writer.save_last(state)
+    writer.close()
+    assert [t.data_ptr() for t in copies.buffers] == first and len(first) > 10
+
+
+def test_a_failed_background_write_is_raised_at_the_next_save_and_at_close(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", full)
+    writer, state = small_writer(tmp_path, background=True)
+    writer.save_last(state)
+    with pytest.raises(ConKDError, match="last.pt: the disk is full. The previous checkpoint"):
+        writer.save_last(state)
+    writer.save_best(epoch=1)
+    with pytest.raises(ConKDError, match="best.pt: the disk is full"):
+        writer.close()
+    writer, state = small_writer(tmp_path, background=True)
+    writer.save_last(state)
+    writer.close(raise_errors=False)  # training already ends with another error: logged
+    assert "last.pt: the disk is full" in caplog.text
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "last.pt").exists()
+
+
+def test_a_crashing_run_waits_for_the_checkpoint_in_flight(
+    compose_cfg, image_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    real = torch.save
+
+    def slow_save(obj, path):
+        time.sleep(0.3)  # the crash below reaches the loop before this write ends
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt_io.torch, "save", slow_save)
+    out = tmp_path / "crashed"
+    crash_after_step(monkeypatch, 2)
+    with pytest.raises(Crash):
+        run(compose_cfg(overrides(image_folder, out, tmp_path / "mlruns", BACKGROUND)))
+    assert ckpt_io.load_checkpoint(out / "checkpoints" / "last.pt")["train_state"]["step"] == 2
+
+
+def test_an_epoch_logged_before_its_checkpoint_landed_is_not_logged_twice(
+    compose_cfg, image_folder: Path, tmp_path: Path, reference: Path, monkeypatch
+) -> None:
+    """The kill lands after epoch 1's metrics were logged, while its ``last.pt`` is written in
+    the background: the run resumes from the checkpoint before (epoch 1's last step) and
+    trains epoch 1's end again, with the same metrics, which it does not log again."""
+    real = torch.save
+
+    def killed_at_epoch_end(obj, path):
+        ts = obj.get("train_state") or {}
+        if ts.get("epoch") == 2 and ts.get("batch") == 0:  # last.pt at the end of epoch 1
+            raise Crash("killed while writing epoch 1's last.pt")
+        real(obj, path)
+
+    out, store = tmp_path / "killed", tmp_path / "mlruns"
+    cfg = overrides(image_folder, out, store, BACKGROUND)
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_io.torch, "save", killed_at_epoch_end)
+        with pytest.raises(Crash):
+            run(compose_cfg(cfg))
+    left = ckpt_io.load_checkpoint(out / "checkpoints" / "last.pt")
+    run_id = left["run_id"]
+    assert (left["train_state"]["epoch"], left["train_state"]["batch"]) == (1, 3)
+    assert metric_steps(store, run_id) == [0, 1]  # epoch 1 was logged before the kill
+    run(compose_cfg(cfg))
+    assert compare_runs(reference, out) == []
+    assert metric_steps(store, run_id) == [0, 1, 2]  # each epoch once
 
 
 @pytest.mark.slow
