@@ -9,12 +9,15 @@ configs, ``conkd.run.setup``): the teacher preset (ResNet-101, AdamW, EMA: a las
 1. how long the training thread is held by one ``last.pt``: the whole write, against the host
    copy that the background writer takes before it returns (and when that write lands);
 2. ``--epochs`` short epochs of ``--steps`` training steps (``conkd.engine.train_one_epoch``),
-   each followed by its ``last.pt``, as a run does: wall time with direct writes against
-   background ones (waiting for the last write), in alternating order;
-3. that the background files hold exactly what direct writes of the same state hold (exit 1
-   where not: ``experiments/gpu_check.sh`` then runs the protocol with direct writes);
-4. the GIL: a loop of small in-place ops (what the training thread does beside a GPU: it
-   launches kernels) alone, against the same loop while the background writer writes
+   each followed by its ``best.pt`` and ``last.pt``, as a run's early epochs are: wall time
+   with direct writes against background ones (waiting for the last write), in alternating
+   order;
+3. that a background ``last.pt``, written while the next epoch trains, holds exactly the
+   tensors (values and strides, loaded on the CPU) and state of a direct write of the same
+   state (exit 1 where not: ``experiments/gpu_check.sh`` then runs the protocol with direct
+   writes);
+4. the GIL: a loop of small CPU ops (each releases the GIL as it dispatches, as the training
+   thread's CUDA ops do) alone, against the same loop while the background writer writes
    ``last.pt`` (``torch.save`` takes the GIL once per tensor).
 
     python benchmarks/checkpoint_write.py [--device cuda] [--image-size 128] [--steps 20]
@@ -72,7 +75,10 @@ def wait_device(parts) -> None:
 def held(parts, work: Path) -> tuple[float, float, float]:
     """Seconds the training thread is held by one direct ``last.pt`` and by the background
     writer's host copy, and the seconds until that background write lands (the second of two,
-    as in a run: the buffers are kept from the first)."""
+    as in a run: the buffers are kept from the first). An epoch trains while it is written:
+    its in-place updates, queued after the copies, must not reach the file (:func:`same_files`
+    compares it with the direct one)."""
+    from conkd.engine import train_one_epoch
     from conkd.state import TrainState
 
     state = TrainState()
@@ -84,16 +90,20 @@ def held(parts, work: Path) -> tuple[float, float, float]:
     queued.save_last(state)
     queued.flush()
     wait_device(parts)
+    landed: list[float] = []
     t0 = time.perf_counter()
     queued.save_last(state)
     copy_s = time.perf_counter() - t0
+    pending = queued._writer._pending["last.pt"]  # noqa: SLF001 - the write being timed
+    pending.add_done_callback(lambda _: landed.append(time.perf_counter()))
+    train_one_epoch(parts.job, parts.loaders.train(1), 1, TrainState())
     queued.close()
-    return direct_s, copy_s, time.perf_counter() - t0
+    return direct_s, copy_s, landed[0] - t0
 
 
 def epochs_with_checkpoints(parts, work: Path, background: bool, epochs: int) -> float:
-    """Wall seconds of ``epochs`` short epochs, each followed by its ``last.pt``, as a run
-    writes them (the last write waited for)."""
+    """Wall seconds of ``epochs`` short epochs, each followed by its ``best.pt`` and
+    ``last.pt``, as a run's early epochs write them (the last write waited for)."""
     from conkd.engine import train_one_epoch
     from conkd.state import TrainState
 
@@ -103,6 +113,7 @@ def epochs_with_checkpoints(parts, work: Path, background: bool, epochs: int) ->
     for epoch in range(epochs):
         train_one_epoch(parts.job, parts.loaders.train(epoch), epoch, state)
         state.epoch += 1
+        writer.save_best(epoch=epoch)  # early epochs are mostly new bests
         writer.save_last(state)
     writer.close()
     wait_device(parts)
@@ -191,7 +202,7 @@ def main() -> int:
                                                       args.epochs))  # fmt: skip
         d, b = min(wall["direct"]), min(wall["background"])
         print(
-            f"{who}: {args.epochs} epochs of {args.steps} steps with a last.pt each: "
+            f"{who}: {args.epochs} epochs of {args.steps} steps with a best.pt and last.pt each: "
             f"{d:.2f} s direct, {b:.2f} s background: ratio {b / d:.3f} "
             f"(one epoch without checkpoints: {train_one:.2f} s)"
         )

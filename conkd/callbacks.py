@@ -84,8 +84,10 @@ class TrackingCallback(Callback):
 
     A continued run may hold epochs its checkpoint does not: a kill after an epoch's metrics
     were logged but before its ``last.pt`` landed (written in the background, or lost with a
-    corrupt ``last.pt``). Such an epoch is trained again and, resume being exact, gives the
-    same metrics (bar timings), so the logged ones stand and are not logged twice.
+    corrupt ``last.pt``). Such an epoch is trained again; the metrics logged first stand and are
+    not logged twice. On the CPU with a fixed seed resume is exact and they are the retrained
+    ones (bar timings); a GPU's kernels are not bit-exact, so there they may differ in the last
+    digits from the retrained epoch's, which the state's history and best hold.
     """
 
     tracker: Tracker

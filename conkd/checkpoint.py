@@ -144,8 +144,9 @@ class BackgroundWriter:
     buffers) and returns; the thread waits for the copies, then writes the file as
     :func:`write_content` does (atomically, fsync'd). Writes run in the order given. A
     checkpoint waits only for the previous write of the same name (whose buffers it reuses), so
-    ``best.pt`` and ``last.pt`` of one epoch are both queued. A failed write's error is raised at
-    the next write, at :meth:`flush` or at :meth:`close`.
+    ``best.pt`` and ``last.pt`` of one epoch are both queued. Once a write fails, the writes
+    queued after it are not made: a ``last.pt`` must never name a best epoch whose ``best.pt``
+    failed. The error is raised at the next write, at :meth:`flush` or at :meth:`close`.
 
     torch.save needs the GIL for each of a checkpoint's tensors (thousands, for a ResNet-101 with
     AdamW and an EMA); while a thread writes, torch's ops in the training thread release the GIL
@@ -156,6 +157,7 @@ class BackgroundWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conkd-checkpoint")
         self._copies: dict[str, HostCopy] = {}
         self._pending: dict[str, Future] = {}
+        self._failed: BaseException | None = None  # the first failed write's error
 
     def write(self, path: Path, content: dict[str, Any], keep_previous: bool) -> None:
         """Queue ``content`` as ``path``; returns once it is copied to host memory."""
@@ -163,20 +165,30 @@ class BackgroundWriter:
             if future.done() or name == path.name:  # the same name: its buffers are reused
                 del self._pending[name]
                 future.result()  # raises that write's error
+        if self._failed is not None:
+            raise self._failed
         copied, events = self._copies.setdefault(path.name, HostCopy()).take(content)
         self._pending[path.name] = self._pool.submit(
             self._write, path, copied, events, keep_previous
         )
 
-    @staticmethod
-    def _write(path: Path, content: dict[str, Any], events: list, keep_previous: bool) -> None:
-        for event in events:
-            event.synchronize()
-        write_content(path, content, keep_previous)
+    def _write(
+        self, path: Path, content: dict[str, Any], events: list, keep_previous: bool
+    ) -> None:
+        if self._failed is not None:  # an earlier write failed: leave the files as they are
+            raise ConKDError(f"{path} was not written: {self._failed}")
+        try:
+            for event in events:
+                event.synchronize()
+            write_content(path, content, keep_previous)
+        except BaseException as err:
+            self._failed = err
+            raise
 
     def flush(self, raise_errors: bool = True) -> None:
-        """Wait for the writes in flight. The first failed one's error is raised, or with
-        ``raise_errors`` false (training already ends with another error) logged."""
+        """Wait for the writes in flight. The first failed one's error is raised (the others
+        logged), or with ``raise_errors`` false (training already ends with another error) all
+        are logged."""
         pending, self._pending = list(self._pending.values()), {}
         errors = []
         for future in pending:
@@ -184,17 +196,18 @@ class BackgroundWriter:
                 future.result()
             except Exception as err:
                 errors.append(err)
+        for err in errors[1:] if raise_errors else errors:
+            log.error("%s", err)
         if errors and raise_errors:
             raise errors[0]
-        for err in errors:
-            log.error("%s", err)
 
     def close(self, raise_errors: bool = True) -> None:
-        """:meth:`flush`, then end the thread."""
+        """:meth:`flush`, then end the thread and free the host buffers."""
         try:
             self.flush(raise_errors)
         finally:
             self._pool.shutdown()
+            self._copies.clear()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -299,8 +312,8 @@ def in_background(want: bool | str, device: torch.device) -> bool:
     (``want``: True, False or ``"auto"``: on a CUDA device). On a CPU the training thread and
     the writer share the same cores, and background writes were measured no faster there
     (``benchmarks/checkpoint_write.py`` on 2 cores: wall-time ratios from 0.89 to 1.20 over
-    runs); beside a GPU the training thread only queues the device-to-host copies and goes on
-    filling the GPU's queue."""
+    runs, no consistent gain); beside a GPU the training thread only queues the device-to-host
+    copies and goes on filling the GPU's queue."""
     return bool(want) if want != "auto" else device.type == "cuda"
 
 

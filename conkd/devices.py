@@ -40,10 +40,10 @@ def upload(t: Tensor, device: torch.device) -> Tensor:
 
 def download(t: Tensor, into: Tensor | None = None) -> Tensor:
     """A host copy of ``t``'s values that stays put while ``t`` changes: into ``into`` where it
-    matches ``t`` (a buffer kept from the previous copy), else into a new tensor of ``t``'s
-    layout. From a CUDA device the copy goes into pinned memory and is queued
-    (``non_blocking``), so the caller does not wait for the device; whoever reads the copy first
-    waits for :func:`copies_done`. Elsewhere it is a plain copy."""
+    matches ``t`` (a buffer kept from the previous copy), else into a new tensor with ``t``'s
+    strides (contiguous where ``t`` is not dense). From a CUDA device the copy goes into pinned
+    memory and is queued (``non_blocking``), so the caller does not wait for the device; whoever
+    reads the copy first waits for :func:`copies_done`. Elsewhere it is a plain copy."""
     cuda = t.device.type == "cuda"
     reusable = (
         into is not None
@@ -61,7 +61,7 @@ def copies_done(devices: Iterable[torch.device]) -> list[torch.cuda.Event]:
     """
     events = []
     for device in {d for d in devices if d.type == "cuda"}:
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # its waiter sleeps instead of spinning
         event.record(torch.cuda.current_stream(device))
         events.append(event)
     return events

@@ -272,6 +272,9 @@ def test_download_queues_a_copy_into_kept_pinned_memory_on_cuda(monkeypatch) -> 
     recorded = []
 
     class Event:
+        def __init__(self, blocking: bool = False) -> None:
+            assert blocking  # the writer thread sleeps while it waits
+
         def record(self, stream):
             recorded.append(stream)
 

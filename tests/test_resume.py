@@ -268,14 +268,41 @@ def test_a_failed_background_write_is_raised_at_the_next_save_and_at_close(
     writer.save_last(state)
     with pytest.raises(ConKDError, match="last.pt: the disk is full. The previous checkpoint"):
         writer.save_last(state)
-    writer.save_best(epoch=1)
-    with pytest.raises(ConKDError, match="best.pt: the disk is full"):
-        writer.close()
+    with pytest.raises(ConKDError, match="last.pt: the disk is full"):
+        writer.save_best(epoch=1)  # nothing more is queued after a failed write
+    writer.close()  # raised already
     writer, state = small_writer(tmp_path, background=True)
     writer.save_last(state)
     writer.close(raise_errors=False)  # training already ends with another error: logged
     assert "last.pt: the disk is full" in caplog.text
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "last.pt").exists()
+
+
+def test_a_failed_best_checkpoint_keeps_the_last_one_of_its_epoch_from_landing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``last.pt`` names the best epoch: written after a failed ``best.pt`` it would name weights
+    that no file holds. The previous ``last.pt`` stays."""
+    real = torch.save
+
+    def best_fails(obj, path):
+        if Path(path).name.startswith("best.pt"):
+            time.sleep(0.3)  # last.pt is queued behind it by then
+            raise OSError(errno.EIO, "Input/output error")
+        real(obj, path)
+
+    writer, state = small_writer(tmp_path, background=True)
+    writer.save_last(state, epoch=0)
+    writer.flush()
+    monkeypatch.setattr(ckpt_io.torch, "save", best_fails)
+    state.epoch, state.best = 2, {"val/top1": 70.0, "epoch": 1}
+    error = r"could not write checkpoint .*best.pt: \[Errno 5\] Input/output"
+    writer.save_best(epoch=1)
+    writer.save_last(state, epoch=1)  # queued behind the failing best.pt
+    with pytest.raises(ConKDError, match=error):
+        writer.close()
+    assert not (tmp_path / "best.pt").exists()
+    assert ckpt_io.load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
 
 
 def test_a_crashing_run_waits_for_the_checkpoint_in_flight(
