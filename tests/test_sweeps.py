@@ -388,6 +388,37 @@ def test_a_trial_is_marked_by_its_worker_and_an_unmarked_one_is_an_orphan(tmp_pa
     assert popped.user_attrs["conkd:resume"] == "last.pt"
 
 
+def test_a_restarted_sweep_waits_to_judge_a_trial_asked_for_just_before_the_kill(
+    tmp_path: Path,
+) -> None:
+    """A sweep killed between ``study.ask()`` and the mark leaves a bare RUNNING trial; a
+    restart can check it under 2 s later (seen in CI: 1.97 s), when it still looks like one a
+    live worker is marking, and counted it as running: one trial short. The restart waits until
+    the bare trial is old enough, then marks it FAIL (interrupted)."""
+    from types import SimpleNamespace
+
+    from conkd.owner import STALE_AFTER_S
+    from conkd.sweep import INTERRUPTED_ATTR, StudyTrials, open_storage
+    from hydra_plugins.conkd_optuna_sweeper.conkd_optuna_sweeper import (
+        UNCLAIMED_AFTER_S,
+        ConKDOptunaSweeperImpl,
+        unclaimed_wait,
+    )
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    bare = study.ask()  # the killed worker's last act
+    frozen = study.get_trials(deepcopy=False)[0]
+    start = frozen.datetime_start.timestamp()
+    assert unclaimed_wait(frozen, now=start + 0.5) == pytest.approx(UNCLAIMED_AFTER_S - 0.5)
+    assert unclaimed_wait(frozen, now=start + 3.0) == 0.0
+    sweeper = SimpleNamespace(trials=StudyTrials(storage, "s"), stale_after_s=STALE_AFTER_S)
+    ConKDOptunaSweeperImpl._requeue_orphans(sweeper, study)  # at once: the trial is not 2 s old
+    after = study.get_trials(deepcopy=False)[bare.number]
+    assert time.time() - start >= UNCLAIMED_AFTER_S
+    assert after.state.name == "FAIL" and after.user_attrs[INTERRUPTED_ATTR] is True
+
+
 def test_old_optuna_database_is_refused_with_the_upgrade_command(tmp_path: Path) -> None:
     """A study database the old stack wrote (optuna 2.10.1: tests/fixtures/optuna-2.10.1.db, a
     3-trial study made by it) stops with one line giving the command that upgrades it; after

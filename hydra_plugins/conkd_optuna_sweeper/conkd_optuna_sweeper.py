@@ -74,8 +74,9 @@ from conkd.targets import build
 
 log = logging.getLogger(__name__)
 #: A running trial with no worker mark is an orphan after this long: a live worker marks the
-#: trial it asked for within milliseconds (:func:`claim`), a killed one
-#: never does, and a restarted sweep takes longer than this to start.
+#: trial it asked for within milliseconds (:func:`claim`), a killed one never does. A restarted
+#: sweep can be faster than this (seen: 1.97 s from the kill to its check), so it waits until
+#: such a trial is this old before it judges it (:func:`unclaimed_wait`).
 UNCLAIMED_AFTER_S = 2.0
 
 
@@ -111,6 +112,15 @@ def orphan_reason(t: FrozenTrial, stale_after_s: float, now: float | None = None
     if TRIAL_ATTRS.pid not in attrs:
         return "its worker stopped before marking it" if now - started > UNCLAIMED_AFTER_S else None
     return Owner.read(attrs, TRIAL_ATTRS).gone(started, now, stale_after_s)
+
+
+def unclaimed_wait(t: FrozenTrial, now: float | None = None) -> float:
+    """Seconds until RUNNING trial ``t``, if nobody has marked it, is old enough for
+    :func:`orphan_reason` to judge (0 when it is marked or old enough)."""
+    if TRIAL_ATTRS.pid in t.user_attrs or t.datetime_start is None:
+        return 0.0
+    now = time.time() if now is None else now
+    return max(0.0, t.datetime_start.timestamp() + UNCLAIMED_AFTER_S - now)
 
 
 class TrialSeeded(BaseSampler):
@@ -204,7 +214,12 @@ class ConKDOptunaSweeperImpl(OptunaSweeperImpl):
         parameters and checkpoint. Of workers that find one orphan together, the one whose
         FAIL lands queues it."""
         assert self.trials is not None
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        wait = max((unclaimed_wait(t) for t in running), default=0.0)
+        if wait > 0:  # asked for an instant ago: its worker marks it now, or it was killed
+            time.sleep(wait + 0.05)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in running:
             why = orphan_reason(t, self.stale_after_s)
             if why is None:
                 continue
