@@ -65,6 +65,11 @@ def writer_for(parts, directory: Path, background: bool):
                         {"classes": parts.data.classes}, job.average, background)  # fmt: skip
 
 
+def last_write(writer):
+    """The future of the background ``last.pt`` write in flight (the one being timed)."""
+    return writer._writer._pending["last.pt"]  # noqa: SLF001
+
+
 def wait_device(parts) -> None:
     import torch
 
@@ -94,7 +99,7 @@ def held(parts, work: Path) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     queued.save_last(state)
     copy_s = time.perf_counter() - t0
-    pending = queued._writer._pending["last.pt"]  # noqa: SLF001 - the write being timed
+    pending = last_write(queued)
     pending.add_done_callback(lambda _: landed.append(time.perf_counter()))
     train_one_epoch(parts.job, parts.loaders.train(1), 1, TrainState())
     queued.close()
@@ -166,7 +171,7 @@ def launch_rate_kept(parts, work: Path, seconds: float = 2.0) -> tuple[float, fl
     writer.flush()
     t0 = time.perf_counter()
     writer.save_last(TrainState())
-    pending = writer._writer._pending["last.pt"]  # noqa: SLF001 - the write being timed
+    pending = last_write(writer)
     beside = rate(lambda s: pending.done())
     writer.close()
     return beside / alone, time.perf_counter() - t0

@@ -320,17 +320,17 @@ def fit(
     augmentation depends on the epoch). ``state.best`` ends as the best epoch's metrics by
     ``options.monitor``.
     """
-    state = state or TrainState()
+    state, error = state or TrainState(), None
     try:
         while state.epoch < job.options.epochs and not state.stopped_early:
             loader = train_loader(state.epoch, state.batch)
             fit_epoch(job, loader, val_loader, state, callbacks, log)
     except BaseException as err:
-        for cb in callbacks:
-            cb.on_fit_end(state, err)
+        error = err
         raise
-    for cb in callbacks:
-        cb.on_fit_end(state, None)
+    finally:
+        for cb in callbacks:
+            cb.on_fit_end(state, error)
     return state
 
 

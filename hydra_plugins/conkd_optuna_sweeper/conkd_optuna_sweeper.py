@@ -110,17 +110,18 @@ def orphan_reason(t: FrozenTrial, stale_after_s: float, now: float | None = None
     attrs, now = t.user_attrs, time.time() if now is None else now
     started = t.datetime_start.timestamp() if t.datetime_start else now
     if TRIAL_ATTRS.pid not in attrs:
-        return "its worker stopped before marking it" if now - started > UNCLAIMED_AFTER_S else None
+        return "its worker stopped before marking it" if not unclaimed_wait(t, now) else None
     return Owner.read(attrs, TRIAL_ATTRS).gone(started, now, stale_after_s)
 
 
 def unclaimed_wait(t: FrozenTrial, now: float | None = None) -> float:
     """Seconds until RUNNING trial ``t``, if nobody has marked it, is old enough for
     :func:`orphan_reason` to judge (0 when it is marked or old enough)."""
-    if TRIAL_ATTRS.pid in t.user_attrs or t.datetime_start is None:
+    if TRIAL_ATTRS.pid in t.user_attrs:
         return 0.0
     now = time.time() if now is None else now
-    return max(0.0, t.datetime_start.timestamp() + UNCLAIMED_AFTER_S - now)
+    started = t.datetime_start.timestamp() if t.datetime_start else now
+    return max(0.0, started + UNCLAIMED_AFTER_S - now)
 
 
 class TrialSeeded(BaseSampler):
